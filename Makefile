@@ -1,0 +1,72 @@
+# inferq: `make demo` runs the main job end to end, `make test` runs the whole suite.
+# Both create (or reuse) a virtual environment cached outside the repository.
+
+PYTHON ?= python3
+CACHE_DIR ?= $(HOME)/.cache/inferq
+TORCH_PIN := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+PY_TAG := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
+# The environment is keyed on the Python and torch versions (torch is the multi-GB part);
+# the stamp below re-runs pip whenever pyproject.toml or the checkout's path changes.
+VENV ?= $(CACHE_DIR)/venv-$(PY_TAG)-torch$(TORCH_PIN)
+SPEC_HASH := $(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.inferq-$(SPEC_HASH)
+PY := $(VENV)/bin/python
+STACK := $(PY) -m deploy.local.stack
+PYTEST_ARGS ?=
+
+export INFERQ_CACHE_DIR := $(CACHE_DIR)
+
+.PHONY: help venv demo test lint typecheck unit stack-up stack-down stack-status bench bench-gpu clean
+
+help:
+	@echo "make demo        start Kafka + Redis, run the end-to-end demo, stop them"
+	@echo "make test        lint, type-check and run the whole test suite on a private stack"
+	@echo "make lint        ruff check + ruff format --check"
+	@echo "make typecheck   mypy --strict on workers/ producers/ schemas/"
+	@echo "make unit        the unit tests only (no Kafka, no Redis)"
+	@echo "make stack-up | stack-down | stack-status   the local stack on ports 9092/9093/6379"
+	@echo "make bench       benchmarks (not part of make test)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.inferq-*
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The tests start their own Kafka and Redis on free ports (tests/conftest.py) and stop
+# them at the end, whatever the outcome; `stack install` fetches what they need first.
+test: venv
+	$(STACK) install
+	$(MAKE) --no-print-directory lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m deploy.local.demo
+
+stack-up: venv
+	$(STACK) up
+
+stack-down: venv
+	$(STACK) down
+
+stack-status: venv
+	$(STACK) status
+
+bench: venv
+	$(PY) bench/codec.py
+
+clean:
+	rm -rf .stack .mypy_cache .ruff_cache .pytest_cache .hypothesis
