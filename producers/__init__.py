@@ -1,0 +1,1 @@
+"""inferq producers package."""

@@ -1,0 +1,27 @@
+"""Producer-side configuration, read from ``INFERQ_*`` variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.codec import ContentType
+from schemas.settings import KafkaSettings, RedisSettings
+
+
+class ProducerSettings(BaseSettings):
+    """How producers reach Kafka and Redis and how they encode requests."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    content_type: ContentType = Field(
+        default=ContentType.MSGPACK, description="Encoding of published requests."
+    )
+    linger_ms: int = Field(default=5, ge=0, description="Producer batching delay, ms.")
+    result_poll_interval_ms: int = Field(
+        default=5, ge=1, description="How often a waiting client polls Redis for its result."
+    )

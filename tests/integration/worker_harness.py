@@ -1,0 +1,168 @@
+"""Helpers to run workers against the real stack: in-process or as ``inferq-worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from producers.client import InferenceClient
+from producers.settings import ProducerSettings
+from schemas.messages import InferenceRequest, InferenceResult
+from schemas.settings import KafkaSettings, RedisSettings
+from workers.metrics import WorkerMetrics
+from workers.models import DirectoryModelRepository, torchscript_deprecation_silenced
+from workers.runner import ModelRunner
+from workers.settings import WorkerSettings
+from workers.worker import Worker
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deployment:
+    """Where one test's inferq lives: broker, Redis, topic prefix, models, group."""
+
+    bootstrap: str
+    redis_url: str
+    prefix: str
+    models_dir: Path
+    group_id: str
+
+    def worker_settings(self, **overrides: object) -> WorkerSettings:
+        values: dict[str, object] = {
+            "kafka": KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
+            "redis": RedisSettings(url=self.redis_url),
+            "models_dir": self.models_dir,
+            "group_id": self.group_id,
+            "device": "cpu",
+            "torch_threads": 1,
+            "http_port": 0,
+            "session_timeout_ms": 6000,
+            "shutdown_timeout_s": 20.0,
+            **overrides,
+        }
+        return WorkerSettings(**values)  # type: ignore[arg-type]
+
+    def worker_env(self, **overrides: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "INFERQ_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "INFERQ_KAFKA__TOPIC_PREFIX": self.prefix,
+            "INFERQ_REDIS__URL": self.redis_url,
+            "INFERQ_MODELS_DIR": str(self.models_dir),
+            "INFERQ_GROUP_ID": self.group_id,
+            "INFERQ_DEVICE": "cpu",
+            "INFERQ_TORCH_THREADS": "1",
+            "INFERQ_HTTP_PORT": "0",
+            "INFERQ_SESSION_TIMEOUT_MS": "6000",
+            "INFERQ_SHUTDOWN_TIMEOUT_S": "20",
+            "INFERQ_LOG_JSON": "true",
+            **overrides,
+        }
+
+    def client(self) -> InferenceClient:
+        return InferenceClient(
+            settings=ProducerSettings(
+                kafka=KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
+                redis=RedisSettings(url=self.redis_url),
+                result_poll_interval_ms=20,
+            )
+        )
+
+
+@dataclass
+class RunningWorker:
+    """An in-process worker task and what it exports."""
+
+    worker: Worker
+    metrics: WorkerMetrics
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    deployment: Deployment, **overrides: object
+) -> AsyncIterator[RunningWorker]:
+    """A worker serving in this event loop; stopped (gracefully) on exit."""
+    settings = deployment.worker_settings(**overrides)
+    repository = DirectoryModelRepository(
+        root=settings.models_dir, device=torch.device("cpu"), names=settings.served_model_names
+    )
+    await asyncio.to_thread(repository.load)
+    metrics = WorkerMetrics()
+    async with ModelRunner(device=torch.device("cpu"), num_threads=1) as runner:
+        worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            yield RunningWorker(worker=worker, metrics=metrics, stop=stop, task=task)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, settings.shutdown_timeout_s + 20)
+
+
+async def wait_until_ready(running: RunningWorker, timeout_s: float = 30) -> None:
+    """Until the worker has joined its group (or failed)."""
+    async with asyncio.timeout(timeout_s):
+        while not running.worker.ready:
+            if running.task.done():
+                running.task.result()
+            await asyncio.sleep(0.05)
+
+
+def spawn_worker_cli(
+    deployment: Deployment, log: Path, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``python -m workers`` (the supervisor and its children) as a subprocess."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", *args],
+            env=deployment.worker_env(**env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    """SIGTERM, wait; SIGKILL the whole group if it overstays."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+
+
+def expected_outputs(model_file: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
+    """The model run directly on every request's input, in order."""
+    with torchscript_deprecation_silenced():
+        module = torch.jit.load(str(model_file), map_location="cpu").eval()
+    inputs = torch.cat([torch.from_numpy(r.inputs[0].to_numpy().copy()) for r in requests])
+    with torch.inference_mode():
+        result: np.ndarray = module(inputs).numpy()
+    return result
+
+
+def assert_outputs_match(
+    model_file: Path, requests: Sequence[InferenceRequest], results: dict[str, InferenceResult]
+) -> None:
+    expected = expected_outputs(model_file, requests)
+    for row, request in enumerate(requests):
+        result = results[request.id]
+        assert result.ok, f"{request.id}: {result.error}"
+        np.testing.assert_allclose(
+            result.outputs[0].to_numpy(), expected[row : row + 1], rtol=1e-4, atol=1e-5
+        )

@@ -1,0 +1,1 @@
+"""inferq workers package."""

@@ -1,0 +1,279 @@
+"""Admission: one consumed record becomes a request ready to batch, or an answer at once.
+
+Pure logic over the codec and the model repository: no Kafka, no Redis, no clock reads.
+Every bad input ends here as an error result (or a dead letter when it has no readable id),
+so the partition keeps flowing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from schemas.codec import CodecLimits, ContentType, content_type_of, decode_request, encode_result
+from schemas.errors import ErrorCode, SchemaError
+from schemas.messages import InferenceRequest, InferenceResult, Timing
+from schemas.topics import (
+    HEADER_CONTENT_TYPE,
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_MESSAGE,
+    HEADER_SOURCE,
+    TopicNames,
+)
+from workers.errors import WorkerError
+from workers.metrics import Outcome
+from workers.models import InputSignature, LoadedModel, ModelRepository, signature_of
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSource:
+    """Where a request came from: its partition (a ``TopicPartition``) and offset."""
+
+    partition: object
+    offset: int
+
+    @property
+    def topic(self) -> str:
+        return str(getattr(self.partition, "topic", ""))
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{getattr(self.partition, 'partition', '?')}/{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """Requests batch together only with the same model version and per-row input shapes."""
+
+    model: str
+    version: int
+    signature: tuple[InputSignature, ...]
+    """Each input's name, datatype and shape without the batch dimension."""
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A valid request waiting in the batcher."""
+
+    request: InferenceRequest
+    source: RecordSource
+    content_type: ContentType
+    model: LoadedModel
+    tensors: dict[str, torch.Tensor]
+    rows: int
+    received_at: float
+    """Monotonic seconds at receipt (the batcher's clock)."""
+    received_ms: int
+    """Unix milliseconds at receipt (for the result's queue time)."""
+    result_topic: str
+    key: BatchKey
+
+
+def batch_key(model: LoadedModel, tensors: dict[str, torch.Tensor]) -> BatchKey:
+    """The key of the batch a request joins: its model version and per-row input shapes."""
+    signature = tuple(
+        sorted(InputSignature(s.name, s.datatype, s.shape[1:]) for s in signature_of(tensors))
+    )
+    return BatchKey(model.name, model.version, signature)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One record to write: a result (also cached in Redis) or a dead letter (Kafka only)."""
+
+    source: RecordSource
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    model: str
+    outcome: Outcome
+    code: str = ""
+    cache_key: str | None = None
+    """Redis key of the result; None for dead letters."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Admission:
+    """Turns consumed records into pending requests or immediate answers."""
+
+    repository: ModelRepository
+    topics: TopicNames
+    limits: CodecLimits
+    worker_id: str
+
+    def admit(
+        self,
+        *,
+        source: RecordSource,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        received_at: float,
+        received_ms: int,
+    ) -> PendingRequest | Answer:
+        """Decode and validate one record: a request to batch, or the answer it gets now."""
+        topic_model = self.topics.model_of_request_topic(source.topic) or "unknown"
+        try:
+            content_type = content_type_of(headers)
+            request = decode_request(value or b"", content_type, limits=self.limits)
+        except SchemaError as error:
+            if error.request_id is None:
+                return self.dead_letter(source, key, value, headers, error.code, error.message)
+            return self._failure(
+                source=source,
+                request_id=error.request_id,
+                model=error.model or topic_model,
+                reply_to=error.reply_to,
+                content_type=_content_type_or_default(headers),
+                code=error.code,
+                message=error.message,
+                topic_model=topic_model,
+            )
+        result_topic = request.reply_to or self.topics.results(topic_model)
+        try:
+            model = self.repository.get(request.model, request.version)
+            tensors = {tensor.name: tensor.to_torch() for tensor in request.inputs}
+            rows = model.check_tensors(tensors)
+        except WorkerError as error:
+            return self.reply(
+                source,
+                request,
+                content_type,
+                InferenceResult.failure(
+                    request_id=request.id,
+                    model=request.model,
+                    version=request.version,
+                    code=error.code,
+                    message=error.message,
+                    worker=self.worker_id,
+                ),
+                Outcome.ERROR,
+            )
+        if request.deadline_ms is not None and request.deadline_ms <= received_ms:
+            return self.expired(source, request, content_type, version=model.version)
+        return PendingRequest(
+            request=request,
+            source=source,
+            content_type=content_type,
+            model=model,
+            tensors=tensors,
+            rows=rows,
+            received_at=received_at,
+            received_ms=received_ms,
+            result_topic=result_topic,
+            key=batch_key(model, tensors),
+        )
+
+    def reply(
+        self,
+        source: RecordSource,
+        request: InferenceRequest,
+        content_type: ContentType,
+        result: InferenceResult,
+        outcome: Outcome,
+    ) -> Answer:
+        """The answer carrying ``result`` for ``request``."""
+        topic = request.reply_to or self.topics.results(
+            self.topics.model_of_request_topic(source.topic) or request.model
+        )
+        code = result.error.code.value if result.error is not None else ""
+        return Answer(
+            source=source,
+            topic=topic,
+            key=request.id.encode(),
+            value=encode_result(result, content_type),
+            headers=((HEADER_CONTENT_TYPE, content_type.value.encode()),),
+            model=request.model,
+            outcome=outcome,
+            code=code,
+            cache_key=self.topics.result_key(request.id),
+        )
+
+    def expired(
+        self,
+        source: RecordSource,
+        request: InferenceRequest,
+        content_type: ContentType,
+        *,
+        version: int | None,
+        timing: Timing | None = None,
+    ) -> Answer:
+        """The `expired` answer of a request whose deadline passed before it ran."""
+        result = InferenceResult.expired(
+            request_id=request.id,
+            model=request.model,
+            version=version,
+            message=f"deadline_ms {request.deadline_ms} passed before the model ran",
+            worker=self.worker_id,
+            timing=timing,
+        )
+        return self.reply(source, request, content_type, result, Outcome.EXPIRED)
+
+    def dead_letter(
+        self,
+        source: RecordSource,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        code: ErrorCode,
+        message: str,
+    ) -> Answer:
+        """The original record, with the error in headers, for the dead-letter topic."""
+        error_headers = (
+            (HEADER_ERROR_CODE, code.value.encode()),
+            (HEADER_ERROR_MESSAGE, message.encode()[:4096]),
+            (HEADER_SOURCE, str(source).encode()),
+        )
+        return Answer(
+            source=source,
+            topic=self.topics.dead_letters,
+            key=key,
+            value=value or b"",
+            headers=(*tuple(headers), *error_headers),
+            model=self.topics.model_of_request_topic(source.topic) or "unknown",
+            outcome=Outcome.DEAD_LETTER,
+            code=code.value,
+        )
+
+    def _failure(
+        self,
+        *,
+        source: RecordSource,
+        request_id: str,
+        model: str,
+        reply_to: str | None,
+        content_type: ContentType,
+        code: ErrorCode,
+        message: str,
+        topic_model: str,
+    ) -> Answer:
+        result = InferenceResult.failure(
+            request_id=request_id,
+            model=model,
+            version=None,
+            code=code,
+            message=message,
+            worker=self.worker_id,
+        )
+        return Answer(
+            source=source,
+            topic=reply_to or self.topics.results(topic_model),
+            key=request_id.encode(),
+            value=encode_result(result, content_type),
+            headers=((HEADER_CONTENT_TYPE, content_type.value.encode()),),
+            model=model,
+            outcome=Outcome.ERROR,
+            code=code.value,
+            cache_key=self.topics.result_key(request_id),
+        )
+
+
+def _content_type_or_default(headers: Headers) -> ContentType:
+    try:
+        return content_type_of(headers)
+    except SchemaError:
+        return ContentType.MSGPACK

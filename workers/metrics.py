@@ -1,0 +1,68 @@
+"""Prometheus metrics of a worker, on an explicit registry."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Outcome(StrEnum):
+    """How a request left the worker: the `outcome` label of `inferq_requests_total`."""
+
+    OK = "ok"
+    ERROR = "error"
+    EXPIRED = "expired"
+    CACHED = "cached"
+    """Redelivered after a crash and answered from Redis without running the model."""
+    DEAD_LETTER = "dead_letter"
+
+
+class Sink(StrEnum):
+    """Where a write goes: the `sink` label of write retries."""
+
+    KAFKA = "kafka"
+    REDIS = "redis"
+
+
+class WorkerMetrics:
+    """Every metric a worker exports; one instance per process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "inferq_requests",
+            "Requests answered, by model, outcome and error code.",
+            ["model", "outcome", "code"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "inferq_batch_size", "Requests per executed batch.", ["model"],
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_seconds = Histogram(
+            "inferq_inference_seconds", "Wall time of one batch's forward pass.", ["model"],
+            buckets=SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "inferq_queue_seconds", "Time from receipt to the start of the batch.", ["model"],
+            buckets=SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "inferq_in_flight", "Requests consumed and not yet answered.", registry=r
+        )
+        self.paused = Gauge(
+            "inferq_consumer_paused", "1 while intake is paused by backpressure.", registry=r
+        )
+        self.write_retries = Counter(
+            "inferq_write_retries", "Failed writes that were retried.", ["sink"], registry=r
+        )
+        self.commits = Counter("inferq_offset_commits", "Offset commits sent.", registry=r)
+
+    def answered(self, model: str, outcome: Outcome, code: str = "") -> None:
+        """Count one request leaving the worker."""
+        self.requests.labels(model=model, outcome=outcome.value, code=code).inc()

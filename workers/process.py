@@ -1,0 +1,64 @@
+"""One worker process: settings, models, runner, health server and the serving loop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from workers.health import HealthServer
+from workers.logging import configure_logging
+from workers.metrics import WorkerMetrics
+from workers.models import DirectoryModelRepository
+from workers.runner import ModelRunner, resolve_device
+from workers.settings import WorkerSettings
+from workers.worker import Worker
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Load the models and serve until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    device = resolve_device(settings.device)
+    repository = DirectoryModelRepository(
+        root=settings.models_dir, device=device, names=settings.served_model_names
+    )
+    await asyncio.to_thread(repository.load)
+    if not repository.names():
+        raise SystemExit(f"no models to serve under {settings.models_dir}")
+    metrics = WorkerMetrics()
+    async with ModelRunner(device=device, num_threads=settings.torch_threads) as runner:
+        worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
+        health = None
+        if settings.http_port:
+            health = HealthServer(
+                registry=metrics.registry, is_ready=lambda: worker.ready, port=settings.http_port
+            )
+            await health.start()
+        try:
+            await worker.run(stop)
+        finally:
+            if health is not None:
+                await health.close()
+
+
+def run_worker_process(index: int) -> None:
+    """Entry point of a supervised child: serve with settings from the environment."""
+    settings = WorkerSettings()
+    updates: dict[str, object] = {"worker_id": f"{settings.worker_id}-{index}"}
+    if settings.http_port:
+        updates["http_port"] = settings.http_port + index  # one metrics port per child
+    settings = settings.model_copy(update=updates)
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    structlog.contextvars.bind_contextvars(worker=settings.worker_id)
+    try:
+        asyncio.run(serve(settings))
+    except Exception:
+        log.exception("worker_crashed")
+        sys.exit(1)

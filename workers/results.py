@@ -1,0 +1,163 @@
+"""Writing answers: Redis first, then Kafka, retried until both hold them.
+
+Redis is written first with ``SET NX GET``: the first result of a request id wins, and a
+worker that finds one already there (a redelivery after a crash, or a rebalance race)
+sends those exact bytes to Kafka instead of its own. So a request never gets two
+different results, whichever worker answers and however often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from workers.admission import Answer
+from workers.metrics import Sink, WorkerMetrics
+
+log = structlog.get_logger(__name__)
+
+INITIAL_BACKOFF_S = 0.05
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped at ``max_s`` seconds."""
+
+    def __init__(self, *, max_s: float, initial_s: float = INITIAL_BACKOFF_S) -> None:
+        self._max_s = max_s
+        self._next_s = initial_s
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(random.uniform(0, self._next_s))
+        self._next_s = min(self._next_s * 2, self._max_s)
+
+
+class ResultWriter:
+    """Writes a group of answers durably: cached in Redis, then acknowledged by Kafka."""
+
+    def __init__(
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        redis: aioredis.Redis,
+        result_ttl_s: int,
+        metrics: WorkerMetrics,
+        max_backoff_s: float,
+    ) -> None:
+        """result_ttl_s: lifetime of cached results, in seconds.
+
+        max_backoff_s: the longest pause between retries of a failed write.
+        """
+        self._producer = producer
+        self._redis = redis
+        self._ttl_s = result_ttl_s
+        self._metrics = metrics
+        self._max_backoff_s = max_backoff_s
+
+    async def cached(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The cached results under ``keys`` (None where absent), retried until Redis answers."""
+        if not keys:
+            return []
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while True:
+            try:
+                values = await self._redis.mget(list(keys))
+                return [v.encode() if isinstance(v, str) else v for v in values]
+            except (RedisError, OSError) as error:
+                self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
+                log.warning("redis_read_failed", error=repr(error))
+                await backoff.sleep()
+
+    async def write(self, answers: Sequence[Answer]) -> list[Answer]:
+        """Write every answer; returns them as sent (with values replaced by earlier winners)."""
+        answers = await self._write_redis(answers)
+        await self._write_kafka(answers)
+        return list(answers)
+
+    async def _write_redis(self, answers: Sequence[Answer]) -> list[Answer]:
+        cached = [(answer, answer.cache_key) for answer in answers if answer.cache_key is not None]
+        if not cached:
+            return list(answers)
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for answer, key in cached:
+                        pipe.set(key, answer.value, ex=self._ttl_s, nx=True, get=True)
+                    earlier: list[bytes | None] = await pipe.execute()
+                break
+            except (RedisError, OSError) as error:
+                self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
+                log.warning("redis_write_failed", error=repr(error), answers=len(cached))
+                await backoff.sleep()
+        winners = {
+            id(answer): value
+            for (answer, _), value in zip(cached, earlier, strict=True)
+            if value is not None and value != answer.value
+        }
+        if not winners:
+            return list(answers)
+        return [
+            dataclasses.replace(answer, value=winners[id(answer)])
+            if id(answer) in winners
+            else answer
+            for answer in answers
+        ]
+
+    async def _write_kafka(self, answers: Sequence[Answer]) -> None:
+        pending = list(answers)
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while pending:
+            outcomes = await self._send_all(pending)
+            failed: list[Answer] = []
+            first_error: BaseException | None = None
+            for answer, outcome in zip(pending, outcomes, strict=True):
+                if outcome is None:
+                    continue
+                if isinstance(outcome, KafkaError) and not outcome.retriable:
+                    # Retrying cannot help (too large, invalid topic...). The result is in
+                    # Redis; stalling the partition for it would block every request behind.
+                    log.error(
+                        "kafka_write_rejected",
+                        topic=answer.topic,
+                        source=str(answer.source),
+                        error=repr(outcome),
+                    )
+                    continue
+                if not isinstance(outcome, (KafkaError, OSError)):
+                    raise outcome
+                failed.append(answer)
+                first_error = first_error or outcome
+            if failed:
+                self._metrics.write_retries.labels(sink=Sink.KAFKA.value).inc(len(failed))
+                log.warning("kafka_write_failed", answers=len(failed), error=repr(first_error))
+                await backoff.sleep()
+            pending = failed
+
+    async def _send_all(self, answers: Sequence[Answer]) -> list[BaseException | None]:
+        """Send every answer and wait for the acks: None where acknowledged, else the error."""
+        outcomes: list[BaseException | None] = [None] * len(answers)
+        deliveries: list[tuple[int, asyncio.Future[object]]] = []
+        for index, answer in enumerate(answers):
+            try:
+                # send() only enqueues (waiting for metadata or buffer space at most); the
+                # future it returns resolves when the broker acknowledges the record.
+                future = await self._producer.send(
+                    answer.topic, answer.value, key=answer.key, headers=list(answer.headers)
+                )
+            except KafkaError as error:
+                outcomes[index] = error
+            else:
+                deliveries.append((index, future))
+        acks = await asyncio.gather(*(future for _, future in deliveries), return_exceptions=True)
+        for (index, _), ack in zip(deliveries, acks, strict=True):
+            if isinstance(ack, BaseException):
+                outcomes[index] = ack
+        return outcomes

@@ -1,0 +1,73 @@
+"""Worker configuration: one pydantic-settings class, read from ``INFERQ_*`` variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.settings import KafkaSettings, RedisSettings
+
+
+def default_worker_id() -> str:
+    """``{hostname}-{pid}``: unique per process, readable in results and logs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker process needs; nested fields use ``__`` (``INFERQ_KAFKA__...``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+
+    group_id: str = Field(default="inferq-workers", description="Kafka consumer group.")
+    models_dir: Path = Field(default=Path("models"), description="Model repository root.")
+    served_models: str = Field(
+        default="", description="Comma-separated model names to serve; empty: all in models_dir."
+    )
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch.set_num_threads for the runner thread."
+    )
+    max_in_flight: int = Field(
+        default=4096, ge=1, description="Requests consumed but not yet answered; then pause."
+    )
+    fetch_max_records: int = Field(
+        default=1024, ge=1, description="Most records taken from Kafka in one poll."
+    )
+    commit_interval_ms: int = Field(
+        default=200, ge=1, description="How often completed offsets are committed."
+    )
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1000, description="Consumer group session timeout."
+    )
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest request record accepted."
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, gt=0, description="Bound on finishing in-flight work at SIGTERM."
+    )
+    write_retry_max_backoff_s: float = Field(
+        default=5.0, gt=0, description="Longest pause between retries of a failed write."
+    )
+    http_port: int = Field(
+        default=9400, ge=0, le=65535, description="Metrics and health port; 0 disables it."
+    )
+    worker_id: str = Field(default_factory=default_worker_id, description="Id in results.")
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_json: bool | None = Field(
+        default=None, description="JSON logs; default: JSON unless stderr is a terminal."
+    )
+
+    @property
+    def served_model_names(self) -> list[str] | None:
+        """The configured model names, or None for every model in the repository."""
+        names = [name.strip() for name in self.served_models.split(",") if name.strip()]
+        return names or None

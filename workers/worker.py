@@ -1,0 +1,432 @@
+"""The worker: Kafka intake, dynamic batching, execution and answers, wired together.
+
+Four tasks, owned by `Worker.run` and cancelled when it returns:
+
+- intake: polls Kafka, admits records (decode and validate), answers bad ones at once,
+  answers redeliveries from the Redis cache, queues the rest in the batcher; pauses the
+  partitions while too many requests are in flight. It never waits on inference, so the
+  consumer keeps polling however long a batch runs.
+- dispatch: takes the most urgent due batch whenever the runner is free, runs it off the
+  event loop, turns outcomes into answers.
+- writer: writes answers (Redis, then Kafka), then marks their offsets complete.
+- committer: commits, per partition, the offsets below which everything is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas.codec import CodecLimits
+from schemas.messages import InferenceResult, Timing
+from schemas.tensors import Tensor
+from schemas.topics import TopicNames
+from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
+from workers.batcher import Batch, Batcher, BatchPolicy
+from workers.metrics import Outcome, WorkerMetrics
+from workers.models import ModelRepository
+from workers.offsets import OffsetTracker, OffsetTrackingError
+from workers.results import ResultWriter
+from workers.runner import ModelRunner, RequestFailed
+from workers.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+POLL_TIMEOUT_MS = 100
+RESUME_FRACTION = 0.75
+"""Paused intake resumes once in-flight requests fall to this fraction of the bound."""
+
+
+class Worker:
+    """One worker process's serving loop: consume, batch, infer, answer, commit."""
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        repository: ModelRepository,
+        runner: ModelRunner,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._settings = settings
+        self._repository = repository
+        self._runner = runner
+        self._metrics = metrics
+        self._topics = TopicNames(prefix=settings.kafka.topic_prefix)
+        self._admission = Admission(
+            repository=repository,
+            topics=self._topics,
+            limits=CodecLimits(max_message_bytes=settings.max_message_bytes),
+            worker_id=settings.worker_id,
+        )
+        self._batcher: Batcher[BatchKey, PendingRequest] = Batcher(policy_for=self._policy_for)
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._answers: asyncio.Queue[list[Answer]] = asyncio.Queue(
+            maxsize=settings.max_in_flight + settings.fetch_max_records
+        )
+        self._batch_ready = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._flush_requests = 0
+        """While positive, every queued request is due now (shutdown, revocation)."""
+        self._paused = False
+        self._ready = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self._writer: ResultWriter | None = None
+        self._log = log.bind(worker=settings.worker_id)
+
+    @property
+    def ready(self) -> bool:
+        """True while the worker is in its group and serving."""
+        return self._ready
+
+    def request_topics(self) -> list[str]:
+        """The request topics of every served model."""
+        return [self._topics.requests(name) for name in self._repository.names()]
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then finish in-flight work, commit and leave."""
+        s = self._settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            client_id=f"{s.kafka.client_id}-{s.worker_id}",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=s.max_message_bytes,
+            request_timeout_ms=s.kafka.request_timeout_ms,
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            client_id=f"{s.kafka.client_id}-{s.worker_id}",
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.fetch_max_records,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(s.session_timeout_ms // 4, 100),
+            fetch_max_bytes=max(s.max_message_bytes, 52_428_800),
+            max_partition_fetch_bytes=max(s.max_message_bytes, 1_048_576),
+            request_timeout_ms=s.kafka.request_timeout_ms,
+        )
+        redis = aioredis.Redis.from_url(
+            s.redis.url,
+            socket_timeout=s.redis.socket_timeout_s,
+            socket_connect_timeout=s.redis.socket_timeout_s,
+        )
+        self._consumer = consumer
+        self._writer = ResultWriter(
+            producer=producer,
+            redis=redis,
+            result_ttl_s=s.redis.result_ttl_s,
+            metrics=self._metrics,
+            max_backoff_s=s.write_retry_max_backoff_s,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await producer.start()
+            await consumer.start()
+            consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
+            self._ready = True
+            self._log.info("worker_started", topics=self.request_topics(), group=s.group_id)
+            intake = asyncio.create_task(self._intake_loop(consumer), name="inferq-intake")
+            tasks = [
+                intake,
+                asyncio.create_task(self._dispatch_loop(), name="inferq-dispatch"),
+                asyncio.create_task(self._writer_loop(), name="inferq-writer"),
+                asyncio.create_task(self._commit_loop(), name="inferq-committer"),
+            ]
+            stopping = asyncio.create_task(stop.wait(), name="inferq-stop")
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done:
+                if task is not stopping and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+            self._log.info("worker_stopping", in_flight=self._tracker.in_flight)
+            intake.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intake
+            await self._finish_in_flight(timeout_s=s.shutdown_timeout_s)
+        finally:
+            self._ready = False
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Leaving the group (consumer.stop) hands our partitions to the others at once.
+            for closing in (consumer.stop(), producer.stop(), redis.aclose()):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(closing, 10)
+            self._log.info("worker_stopped")
+
+    async def _finish_in_flight(
+        self, *, timeout_s: float, partitions: Iterable[TopicPartition] | None = None
+    ) -> bool:
+        """Run and answer everything consumed (of ``partitions``, or all), then commit."""
+        wanted = None if partitions is None else list(partitions)
+
+        def pending() -> int:
+            if wanted is None:
+                return self._tracker.in_flight
+            return sum(self._tracker.pending(tp) for tp in wanted if self._tracker.tracks(tp))
+
+        deadline = time.monotonic() + timeout_s
+        self._flush_requests += 1
+        self._batch_ready.set()
+        try:
+            while pending() and time.monotonic() < deadline:
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), 0.1)
+        finally:
+            self._flush_requests -= 1
+        await self._commit()
+        left = pending()
+        if left:
+            self._log.warning("unfinished_at_deadline", requests=left, timeout_s=timeout_s)
+        return left == 0
+
+    # --- intake ---------------------------------------------------------------------------
+
+    async def _intake_loop(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            self._apply_backpressure(consumer)
+            polled = await consumer.getmany(
+                timeout_ms=POLL_TIMEOUT_MS, max_records=self._settings.fetch_max_records
+            )
+            if polled:
+                await self._admit(polled)
+
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        bound = self._settings.max_in_flight
+        in_flight = self._tracker.in_flight
+        self._metrics.in_flight.set(in_flight)
+        if not self._paused and in_flight >= bound:
+            consumer.pause(*consumer.assignment())
+            self._paused = True
+            self._metrics.paused.set(1)
+            self._log.info("intake_paused", in_flight=in_flight)
+        elif self._paused and in_flight <= bound * RESUME_FRACTION:
+            consumer.resume(*consumer.paused())
+            self._paused = False
+            self._metrics.paused.set(0)
+            self._log.info("intake_resumed", in_flight=in_flight)
+        elif self._paused:
+            # Partitions assigned while paused must stay paused too.
+            consumer.pause(*consumer.assignment())
+
+    async def _admit(self, polled: dict[TopicPartition, list[object]]) -> None:
+        received_at = time.monotonic()
+        received_ms = int(time.time() * 1000)
+        answers: list[Answer] = []
+        admitted: list[PendingRequest] = []
+        for partition, records in polled.items():
+            for record in records:
+                offset: int = record.offset  # type: ignore[attr-defined]
+                self._tracker.track(partition, offset)
+                outcome = self._admission.admit(
+                    source=RecordSource(partition, offset),
+                    key=record.key,  # type: ignore[attr-defined]
+                    value=record.value,  # type: ignore[attr-defined]
+                    headers=record.headers,  # type: ignore[attr-defined]
+                    received_at=received_at,
+                    received_ms=received_ms,
+                )
+                if isinstance(outcome, Answer):
+                    answers.append(outcome)
+                else:
+                    admitted.append(outcome)
+        if admitted:
+            answers.extend(await self._answer_redeliveries(admitted))
+        if answers:
+            self._answers.put_nowait(answers)
+
+    async def _answer_redeliveries(self, admitted: list[PendingRequest]) -> list[Answer]:
+        """Queue the admitted requests, except those already answered (sent from the cache)."""
+        assert self._writer is not None
+        cached = await self._writer.cached(
+            [self._topics.result_key(pending.request.id) for pending in admitted]
+        )
+        answers = []
+        for pending, value in zip(admitted, cached, strict=True):
+            if value is None:
+                self._batcher.add(
+                    pending.key, pending, rows=pending.rows, received_at=pending.received_at
+                )
+                continue
+            answers.append(
+                Answer(
+                    source=pending.source,
+                    topic=pending.result_topic,
+                    key=pending.request.id.encode(),
+                    value=value,
+                    headers=(("content-type", pending.content_type.value.encode()),),
+                    model=pending.model.name,
+                    outcome=Outcome.CACHED,
+                    cache_key=None,
+                )
+            )
+        if len(answers) < len(admitted):
+            self._batch_ready.set()
+        return answers
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    def _policy_for(self, key: BatchKey) -> BatchPolicy:
+        config = self._repository.get(key.model, key.version).config
+        return BatchPolicy(
+            max_batch_size=config.max_batch_size, max_batch_delay_ms=config.max_batch_delay_ms
+        )
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            now = math.inf if self._flush_requests else time.monotonic()
+            batch = self._batcher.pop_due(now)
+            if batch is None:
+                self._batch_ready.clear()
+                due_at = self._batcher.next_due_at()
+                wait_s = None if due_at is None else max(due_at - time.monotonic(), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_ready.wait(), wait_s)
+                continue
+            answers = await self._run(batch)
+            self._answers.put_nowait(answers)
+
+    async def _run(self, batch: Batch[BatchKey, PendingRequest]) -> list[Answer]:
+        started_ms = time.time() * 1000
+        live: list[PendingRequest] = []
+        answers: list[Answer] = []
+        for pending in batch.items:
+            deadline = pending.request.deadline_ms
+            if deadline is not None and deadline <= started_ms:
+                answers.append(
+                    self._admission.expired(
+                        pending.source,
+                        pending.request,
+                        pending.content_type,
+                        version=pending.model.version,
+                    )
+                )
+            else:
+                live.append(pending)
+        if not live:
+            return answers
+        model = live[0].model
+        outcome = await self._runner.run_batch(model, [pending.tensors for pending in live])
+        metric_model = model.name
+        self._metrics.batch_size.labels(model=metric_model).observe(len(live))
+        self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
+        output_names = [spec.name for spec in model.config.outputs]
+        for pending, result in zip(live, outcome.outcomes, strict=True):
+            queue_ms = max(started_ms - pending.received_ms, 0.0)
+            self._metrics.queue_seconds.labels(model=metric_model).observe(queue_ms / 1000)
+            timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=len(live))
+            if isinstance(result, RequestFailed):
+                answer_result = InferenceResult.failure(
+                    request_id=pending.request.id,
+                    model=model.name,
+                    version=model.version,
+                    code=result.error.code,
+                    message=result.error.message,
+                    worker=self._settings.worker_id,
+                    timing=timing,
+                )
+                answers.append(
+                    self._admission.reply(
+                        pending.source, pending.request, pending.content_type, answer_result,
+                        Outcome.ERROR,
+                    )
+                )  # fmt: skip
+                continue
+            outputs = [
+                Tensor.from_torch(name, tensor)
+                for name, tensor in zip(output_names, result.outputs, strict=True)
+            ]
+            answer_result = InferenceResult.success(
+                request_id=pending.request.id,
+                model=model.name,
+                version=model.version,
+                outputs=outputs,
+                timing=timing,
+                worker=self._settings.worker_id,
+            )
+            answers.append(
+                self._admission.reply(
+                    pending.source, pending.request, pending.content_type, answer_result,
+                    Outcome.OK,
+                )
+            )  # fmt: skip
+        return answers
+
+    # --- writing and committing -----------------------------------------------------------
+
+    async def _writer_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            group = await self._answers.get()
+            # Coalesce what else is waiting into one Redis pipeline and one round of acks.
+            while not self._answers.empty() and len(group) < 4096:
+                group.extend(self._answers.get_nowait())
+            written = await self._writer.write(group)
+            for answer in written:
+                self._metrics.answered(answer.model, answer.outcome, answer.code)
+                # A partition revoked meanwhile is forgotten; its new owner answers again.
+                with contextlib.suppress(OffsetTrackingError):
+                    self._tracker.complete(answer.source.partition, answer.source.offset)
+            self._progress.set()
+
+    async def _commit_loop(self) -> None:
+        interval_s = self._settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._commit()
+
+    async def _commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets = self._tracker.committable()
+        if partitions is not None:
+            offsets = {tp: offset for tp, offset in offsets.items() if tp in partitions}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as error:
+            self._log.warning("commit_failed", error=repr(error), partitions=len(offsets))
+            return
+        self._tracker.mark_committed(offsets)
+        self._metrics.commits.inc()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish, answer and commit the revoked partitions' requests before letting go."""
+        if not revoked:
+            return
+        owned = [tp for tp in revoked if self._tracker.tracks(tp)]
+        self._log.info("partitions_revoked", partitions=len(revoked), tracked=len(owned))
+        if owned:
+            await self._finish_in_flight(
+                timeout_s=self._settings.shutdown_timeout_s, partitions=owned
+            )
+            self._batcher.drain(lambda _key, pending: pending.source.partition in revoked)
+            self._tracker.forget(owned)
+
+
+class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+        log.info("partitions_assigned", partitions=names)
