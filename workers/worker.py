@@ -84,8 +84,15 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """True while the worker is in its group and serving."""
+        """True while the worker is connected, subscribed and serving."""
         return self._ready
+
+    @property
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions this worker consumes right now."""
+        if self._consumer is None or not self._ready:
+            return frozenset()
+        return frozenset(self._consumer.assignment())
 
     def request_topics(self) -> list[str]:
         """The request topics of every served model."""

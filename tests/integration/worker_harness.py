@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
 
 from producers.client import InferenceClient
 from producers.settings import ProducerSettings
@@ -166,3 +169,26 @@ def assert_outputs_match(
         np.testing.assert_allclose(
             result.outputs[0].to_numpy(), expected[row : row + 1], rtol=1e-4, atol=1e-5
         )
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expected: int, timeout_s: float = 60
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the start, once ``expected`` of them are there."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            polled = await consumer.getmany(timeout_ms=200)
+            for batch in polled.values():
+                records.extend(batch)
+        # Anything beyond `expected` (a duplicate) must show up too.
+        for batch in (await consumer.getmany(timeout_ms=500)).values():
+            records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
