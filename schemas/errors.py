@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import ClassVar
 
 
 class ErrorCode(StrEnum):
@@ -28,3 +29,52 @@ class ErrorCode(StrEnum):
     """The model raised while running this request, alone as well as in its batch."""
     INTERNAL = "INTERNAL"
     """A fault of inferq itself; the request may be retried."""
+
+
+class SchemaError(Exception):
+    """Base of every error the codec and the message models raise on purpose.
+
+    `code` is the wire code the worker answers with. `request_id`, `model` and `reply_to`
+    are what the decoder managed to read before it failed (None when unreadable), so that
+    the worker can still address an error result instead of dead-lettering the record.
+    """
+
+    code: ClassVar[ErrorCode] = ErrorCode.DECODE_ERROR
+    retriable: ClassVar[bool] = False
+    """Whether sending the same bytes again may succeed: never, for a schema error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        model: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        """`message` names the field at fault first, as in `inputs[0].shape: ...`."""
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        self.model = model
+        self.reply_to = reply_to
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class DecodeError(SchemaError):
+    """The bytes are not msgpack/JSON inferq can read, or the content type is unknown."""
+
+    code = ErrorCode.DECODE_ERROR
+
+
+class RequestValidationError(SchemaError):
+    """The message decodes but breaks the schema: a missing field, a bad id, a bad tensor."""
+
+    code = ErrorCode.VALIDATION_ERROR
+
+
+class PayloadTooLargeError(SchemaError):
+    """The message, a tensor's rank or element count, or a count of items exceeds the limits."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE

@@ -1,0 +1,80 @@
+"""Kafka topic names, record header names and Redis keys: the one place both sides read them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_PREFIX: Final = "inferq"
+"""The prefix of every topic and Redis key unless configured otherwise."""
+
+HEADER_CONTENT_TYPE: Final = "content-type"
+"""Record header naming the encoding of the value; `application/msgpack` when absent."""
+HEADER_ERROR_CODE: Final = "inferq-error-code"
+"""Dead-letter header: the `ErrorCode` that made the record unanswerable."""
+HEADER_ERROR_MESSAGE: Final = "inferq-error-message"
+"""Dead-letter header: the human-readable reason, naming the field at fault."""
+HEADER_SOURCE: Final = "inferq-source"
+"""Dead-letter header: where the record was read, as `topic/partition/offset`."""
+
+MAX_TOPIC_LENGTH: Final = 249
+"""Kafka's own limit on a topic name's length."""
+
+TOPIC_NAME_PATTERN: Final = r"^[A-Za-z0-9._-]{1,249}$"
+"""The characters Kafka accepts in a topic name (also the rule for model names and `reply_to`)."""
+
+_TOPIC_NAME = re.compile(TOPIC_NAME_PATTERN)
+_REQUESTS = ".requests."
+_RESULTS = ".results."
+
+
+def is_topic_name(name: str) -> bool:
+    """Whether `name` is a legal Kafka topic name (1 to 249 of `[A-Za-z0-9._-]`, not `.`/`..`)."""
+    return _TOPIC_NAME.fullmatch(name) is not None and name not in {".", ".."}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopicNames:
+    """The topics and Redis keys of one inferq deployment, all derived from `prefix`."""
+
+    prefix: str = DEFAULT_PREFIX
+    """Starts every topic (`{prefix}.requests.{model}`) and Redis key (`{prefix}:result:{id}`)."""
+
+    def __post_init__(self) -> None:
+        longest_suffix = len(_RESULTS) + 1
+        if not is_topic_name(self.prefix) or len(self.prefix) + longest_suffix > MAX_TOPIC_LENGTH:
+            raise ValueError(f"prefix: {self.prefix!r} cannot start a Kafka topic name")
+
+    def requests(self, model: str) -> str:
+        """The topic that carries requests for `model`."""
+        return self._topic(_REQUESTS, model)
+
+    def results(self, model: str) -> str:
+        """The topic results of `model` go to when the request has no `reply_to`."""
+        return self._topic(_RESULTS, model)
+
+    @property
+    def dead_letters(self) -> str:
+        """The topic of records that could not be answered at all (their id was unreadable)."""
+        return f"{self.prefix}.dlq"
+
+    def result_key(self, request_id: str) -> str:
+        """The Redis key holding the encoded result of `request_id`."""
+        if not request_id:
+            raise ValueError("request_id: must not be empty")
+        return f"{self.prefix}:result:{request_id}"
+
+    def model_of_request_topic(self, topic: str) -> str | None:
+        """The model a request topic of this prefix serves; None for any other topic."""
+        head = self.prefix + _REQUESTS
+        if not topic.startswith(head):
+            return None
+        model = topic[len(head) :]
+        return model if model and is_topic_name(model) else None
+
+    def _topic(self, kind: str, model: str) -> str:
+        topic = f"{self.prefix}{kind}{model}"
+        if not model or not is_topic_name(model) or len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"model: {model!r} cannot be part of a Kafka topic name ({topic!r})")
+        return topic
