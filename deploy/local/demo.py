@@ -72,9 +72,7 @@ def check_against_model(
     return mismatches
 
 
-async def wait_until_ready(
-    worker: subprocess.Popen[bytes], *, port: int, timeout_s: float
-) -> None:
+async def wait_until_ready(worker: subprocess.Popen[bytes], *, port: int, timeout_s: float) -> None:
     """Until the worker's /readyz answers 200 (it has joined its group)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -112,7 +110,8 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
     worker_log = config.run_dir / "demo-worker.log"
     console.print(f"starting the worker (log: {worker_log})")
     with worker_log.open("wb") as log_file:
-        worker = subprocess.Popen(
+        # Popen returns at once; the worker is awaited off the loop (asyncio.to_thread) below.
+        worker = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "workers", "--procs", "1"],
             env=env,
             stdout=log_file,
@@ -143,7 +142,7 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
-            worker_exit = worker.wait(timeout=60)
+            worker_exit = await asyncio.to_thread(worker.wait, 60)
         except subprocess.TimeoutExpired:
             worker.kill()
             worker_exit = worker.wait()
