@@ -40,6 +40,7 @@ class InferenceClient:
             acks="all",
             enable_idempotence=True,
             linger_ms=settings.linger_ms,
+            max_request_size=settings.max_request_bytes,
             request_timeout_ms=settings.kafka.request_timeout_ms,
         )
         self._redis = aioredis.Redis.from_url(

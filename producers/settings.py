@@ -21,6 +21,9 @@ class ProducerSettings(BaseSettings):
     content_type: ContentType = Field(
         default=ContentType.MSGPACK, description="Encoding of published requests."
     )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest request record sent, bytes."
+    )
     linger_ms: int = Field(default=5, ge=0, description="Producer batching delay, ms.")
     result_poll_interval_ms: int = Field(
         default=5, ge=1, description="How often a waiting client polls Redis for its result."

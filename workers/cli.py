@@ -10,6 +10,9 @@ from workers.process import run_worker_process
 from workers.settings import WorkerSettings
 from workers.supervisor import Supervisor
 
+SUPERVISOR_GRACE_S = 10.0
+"""How much longer than a worker's own shutdown bound the supervisor waits before SIGKILL."""
+
 
 def default_procs() -> int:
     """One process per visible CUDA device, else one."""
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor(
         target=run_worker_process,
         procs=procs,
-        shutdown_timeout_s=settings.shutdown_timeout_s + 10,
+        shutdown_timeout_s=settings.shutdown_timeout_s + SUPERVISOR_GRACE_S,
     )
     return supervisor.run()
 

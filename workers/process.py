@@ -48,10 +48,23 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
                 await health.close()
 
 
+def device_for_child(spec: str, index: int) -> str:
+    """Spread children over the visible GPUs: child i of ``auto``/``cuda`` gets ``cuda:i % n``."""
+    if spec not in ("auto", "cuda"):
+        return spec
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{index % count}" if count else spec
+
+
 def run_worker_process(index: int) -> None:
     """Entry point of a supervised child: serve with settings from the environment."""
     settings = WorkerSettings()
-    updates: dict[str, object] = {"worker_id": f"{settings.worker_id}-{index}"}
+    updates: dict[str, object] = {
+        "worker_id": f"{settings.worker_id}-{index}",
+        "device": device_for_child(settings.device, index),
+    }
     if settings.http_port:
         updates["http_port"] = settings.http_port + index  # one metrics port per child
     settings = settings.model_copy(update=updates)

@@ -32,6 +32,15 @@ class WorkerSettings(BaseSettings):
     served_models: str = Field(
         default="", description="Comma-separated model names to serve; empty: all in models_dir."
     )
+    create_topics: bool = Field(
+        default=True, description="Create missing request, result and dead-letter topics."
+    )
+    topic_partitions: int = Field(
+        default=8, ge=1, description="Partitions of the topics the worker creates."
+    )
+    topic_replication_factor: int = Field(
+        default=1, ge=1, description="Replicas of each topic the worker creates."
+    )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch.set_num_threads for the runner thread."
@@ -60,7 +69,7 @@ class WorkerSettings(BaseSettings):
     http_port: int = Field(
         default=9400, ge=0, le=65535, description="Metrics and health port; 0 disables it."
     )
-    worker_id: str = Field(default_factory=default_worker_id, description="Id in results.")
+    worker_id: str = Field(default_factory=default_worker_id, description="Id in results and logs.")
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool | None = Field(
         default=None, description="JSON logs; default: JSON unless stderr is a terminal."

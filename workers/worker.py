@@ -37,6 +37,7 @@ from workers.offsets import OffsetTracker, OffsetTrackingError
 from workers.results import ResultWriter
 from workers.runner import ModelRunner, RequestFailed
 from workers.settings import WorkerSettings
+from workers.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,8 @@ class Worker:
         self._flush_requests = 0
         """While positive, every queued request is due now (shutdown, revocation)."""
         self._paused = False
+        self._intake_open = True
+        self._closing = False
         self._ready = False
         self._consumer: AIOKafkaConsumer | None = None
         self._writer: ResultWriter | None = None
@@ -124,6 +127,8 @@ class Worker:
             fetch_max_bytes=max(s.max_message_bytes, 52_428_800),
             max_partition_fetch_bytes=max(s.max_message_bytes, 1_048_576),
             request_timeout_ms=s.kafka.request_timeout_ms,
+            # Notice new partitions (and topics created after start) within a minute.
+            metadata_max_age_ms=60_000,
         )
         redis = aioredis.Redis.from_url(
             s.redis.url,
@@ -140,6 +145,14 @@ class Worker:
         )
         tasks: list[asyncio.Task[None]] = []
         try:
+            if s.create_topics:
+                await ensure_topics(
+                    s.kafka,
+                    [*self.request_topics(), self._topics.dead_letters]
+                    + [self._topics.results(name) for name in self._repository.names()],
+                    partitions=s.topic_partitions,
+                    replication_factor=s.topic_replication_factor,
+                )
             await producer.start()
             await consumer.start()
             consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
@@ -159,12 +172,15 @@ class Worker:
                 if task is not stopping and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
             self._log.info("worker_stopping", in_flight=self._tracker.in_flight)
-            intake.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await intake
+            # Let intake finish the poll it is in, so nothing it took is left half-admitted.
+            self._intake_open = False
+            # On time-out wait_for cancels it; what it had tracked is simply not committed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(intake, s.shutdown_timeout_s / 4)
             await self._finish_in_flight(timeout_s=s.shutdown_timeout_s)
         finally:
             self._ready = False
+            self._closing = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -204,7 +220,7 @@ class Worker:
     # --- intake ---------------------------------------------------------------------------
 
     async def _intake_loop(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
+        while self._intake_open:
             self._apply_backpressure(consumer)
             polled = await consumer.getmany(
                 timeout_ms=POLL_TIMEOUT_MS, max_records=self._settings.fetch_max_records
@@ -419,7 +435,7 @@ class Worker:
             return
         owned = [tp for tp in revoked if self._tracker.tracks(tp)]
         self._log.info("partitions_revoked", partitions=len(revoked), tracked=len(owned))
-        if owned:
+        if owned and not self._closing:
             await self._finish_in_flight(
                 timeout_s=self._settings.shutdown_timeout_s, partitions=owned
             )

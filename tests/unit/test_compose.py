@@ -1,0 +1,322 @@
+"""compose.yaml and deploy/k8s/ agree with the settings classes and the worker's endpoints.
+
+Neither Docker nor a cluster runs here: these tests read the files as data.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from schemas.settings import KafkaSettings, RedisSettings
+from schemas.topics import TopicNames
+from workers.example_models import EXAMPLE_MODELS
+from workers.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "compose.yaml"
+K8S_DIR = ROOT / "deploy" / "k8s"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+SUPERVISOR_EXTRA_S = 10.0
+"""The supervisor waits `shutdown_timeout_s` + this before killing children (workers/cli.py)."""
+
+DEFAULT_KAFKA_PORT = int(KafkaSettings().bootstrap_servers.rsplit(":", 1)[1])
+DEFAULT_REDIS_PORT = urlsplit(RedisSettings().url).port
+DEFAULT_HTTP_PORT = WorkerSettings.model_fields["http_port"].default
+
+
+def env_names(model: type[BaseModel], prefix: str = "INFERQ_") -> Iterator[str]:
+    """`INFERQ_X__Y` for every leaf field of `model`, nested models joined with `__`."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from env_names(annotation, f"{prefix}{name.upper()}__")
+        else:
+            yield f"{prefix}{name.upper()}"
+
+
+WORKER_ENV_NAMES = frozenset(env_names(WorkerSettings))
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
+    """WorkerSettings as a worker given exactly `env` (and no other INFERQ_*) would read them."""
+    for name in WORKER_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return WorkerSettings()
+
+
+def duration_s(text: str) -> float:
+    """A compose duration such as `1m30s` or `90s`, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts, f"not a duration: {text!r}"
+    assert "".join(number + unit for number, unit in parts) == text, f"bad duration {text!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def published_ports(service: dict[str, Any]) -> dict[int, int]:
+    """Container port → host port of a service's short-syntax `ports`."""
+    mapping: dict[int, int] = {}
+    for entry in service.get("ports", []):
+        parts = str(entry).split("/")[0].split(":")  # [ip:]host:container[/protocol]
+        container = int(parts[-1])
+        mapping[container] = int(parts[-2]) if len(parts) >= 2 else container
+    return mapping
+
+
+# --- compose.yaml -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+@pytest.fixture(scope="module")
+def worker_env(services: dict[str, dict[str, Any]]) -> dict[str, str]:
+    env = services["worker"]["environment"]
+    assert isinstance(env, dict), "write the worker's environment as a mapping"
+    return {name: str(value) for name, value in env.items()}
+
+
+def test_compose_has_kafka_redis_topics_models_and_worker(services: dict[str, Any]) -> None:
+    assert {"kafka", "redis", "topics", "models", "worker"} <= set(services)
+
+
+@pytest.mark.parametrize("name", ["kafka", "redis", "worker"])
+def test_long_running_services_have_healthchecks(services: dict[str, Any], name: str) -> None:
+    test = services[name]["healthcheck"]["test"]
+    assert test[0] in {"CMD", "CMD-SHELL"}
+    assert len(test) > 1
+
+
+def test_kafka_is_a_single_kraft_node_reachable_as_kafka_9092(services: dict[str, Any]) -> None:
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:4.")
+    env = {name: str(value) for name, value in kafka["environment"].items()}
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert f"PLAINTEXT://kafka:{DEFAULT_KAFKA_PORT}" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://:{DEFAULT_KAFKA_PORT}" in env["KAFKA_LISTENERS"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    assert len(base64.urlsafe_b64decode(env["CLUSTER_ID"] + "==")) == 16, "not a base64 UUID"
+    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= WorkerSettings().max_message_bytes
+    assert f"localhost:{DEFAULT_KAFKA_PORT}" in " ".join(kafka["healthcheck"]["test"])
+
+
+def test_host_ports_are_the_settings_defaults(services: dict[str, Any]) -> None:
+    assert DEFAULT_KAFKA_PORT in published_ports(services["kafka"]).values()
+    assert published_ports(services["redis"]) == {DEFAULT_REDIS_PORT: DEFAULT_REDIS_PORT}
+    assert published_ports(services["worker"]) == {DEFAULT_HTTP_PORT: DEFAULT_HTTP_PORT}
+
+
+def test_worker_env_names_are_worker_settings(worker_env: dict[str, str]) -> None:
+    unknown = sorted(set(worker_env) - WORKER_ENV_NAMES)
+    assert not unknown, f"not WorkerSettings fields: {unknown}"
+
+
+def test_worker_env_points_at_the_compose_services(
+    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_from(worker_env, monkeypatch)
+    assert settings.kafka.bootstrap_servers == f"kafka:{DEFAULT_KAFKA_PORT}"
+    assert settings.redis.url == f"redis://redis:{DEFAULT_REDIS_PORT}/0"
+    assert settings.models_dir == Path("/models")
+    assert settings.http_port == DEFAULT_HTTP_PORT
+
+
+def test_worker_waits_for_healthy_dependencies_and_the_models(services: dict[str, Any]) -> None:
+    depends_on = services["worker"]["depends_on"]
+    assert depends_on["kafka"]["condition"] == "service_healthy"
+    assert depends_on["redis"]["condition"] == "service_healthy"
+    assert depends_on["topics"]["condition"] == "service_completed_successfully"
+    assert depends_on["models"]["condition"] == "service_completed_successfully"
+
+
+def test_topics_service_creates_the_example_models_topics(services: dict[str, Any]) -> None:
+    topics = TopicNames()
+    script = " ".join(services["topics"]["command"])
+    wanted = [topics.dead_letters]
+    for name in sorted({example.name for example in EXAMPLE_MODELS}):
+        wanted += [topics.requests(name), topics.results(name)]
+    for topic in wanted:
+        assert f" {topic} " in f" {script.replace(';', ' ')} ", f"{topic} is not created"
+    assert "$" not in script.replace("$$", ""), "escape $ as $$ in compose commands"
+    assert f"kafka:{DEFAULT_KAFKA_PORT}" in script
+    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_worker_and_models_share_the_models_volume(
+    compose: dict[str, Any], services: dict[str, Any], worker_env: dict[str, str]
+) -> None:
+    models_dir = worker_env["INFERQ_MODELS_DIR"]
+    assert any(v.split(":")[:2] == ["models", models_dir] for v in services["worker"]["volumes"])
+    assert any(v.split(":")[:2] == ["models", models_dir] for v in services["models"]["volumes"])
+    assert "models" in compose["volumes"]
+    command = [*services["models"]["entrypoint"], *services["models"]["command"]]
+    assert command == ["python", "-m", "workers.example_models", "--out", models_dir]
+
+
+def test_worker_healthcheck_asks_healthz_on_the_http_port(
+    services: dict[str, Any], worker_env: dict[str, str]
+) -> None:
+    test = " ".join(services["worker"]["healthcheck"]["test"])
+    assert f":{worker_env['INFERQ_HTTP_PORT']}/healthz" in test
+
+
+def test_worker_is_built_from_the_dockerfile(services: dict[str, Any]) -> None:
+    build = services["worker"]["build"]
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    assert services["models"]["image"] == services["worker"]["image"]
+
+
+def test_stop_grace_period_outlasts_the_shutdown(
+    services: dict[str, Any], worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutdown_timeout_s = settings_from(worker_env, monkeypatch).shutdown_timeout_s
+    grace_s = duration_s(services["worker"]["stop_grace_period"])
+    assert grace_s > shutdown_timeout_s + SUPERVISOR_EXTRA_S
+
+
+def test_dockerfile_installs_the_project_and_runs_the_worker() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    assert "pip install ." in text
+    assert 'ENTRYPOINT ["inferq-worker"]' in text
+
+
+# --- deploy/k8s ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object in deploy/k8s/*.yaml (multi-document files too), by (kind, name)."""
+    objects: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if document is None:
+                continue
+            key = (document["kind"], document["metadata"]["name"])
+            assert key not in objects, f"{key} defined twice"
+            objects[key] = document
+    return objects
+
+
+@pytest.fixture(scope="module")
+def pod_spec(k8s_objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    spec = k8s_objects["Deployment", "inferq-worker"]["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def worker_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    (container,) = [c for c in pod_spec["containers"] if c["name"] == "worker"]
+    assert isinstance(container, dict)
+    return container
+
+
+@pytest.fixture(scope="module")
+def k8s_worker_env(
+    k8s_objects: dict[tuple[str, str], dict[str, Any]], worker_container: dict[str, Any]
+) -> dict[str, str]:
+    """The worker container's environment: its ConfigMaps, then its own `env` entries."""
+    env: dict[str, str] = {}
+    for source in worker_container.get("envFrom", []):
+        config_map = k8s_objects["ConfigMap", source["configMapRef"]["name"]]
+        env.update(config_map["data"])
+    for entry in worker_container.get("env", []):
+        env[entry["name"]] = str(entry.get("value", ""))
+    return env
+
+
+def test_configmap_values_are_strings(k8s_objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    for (kind, name), document in k8s_objects.items():
+        if kind == "ConfigMap":
+            not_strings = {k: v for k, v in document["data"].items() if not isinstance(v, str)}
+            assert not not_strings, f"ConfigMap {name}: quote {not_strings}"
+
+
+def test_k8s_env_names_are_worker_settings(k8s_worker_env: dict[str, str]) -> None:
+    assert k8s_worker_env, "the worker container gets no settings"
+    unknown = sorted(set(k8s_worker_env) - WORKER_ENV_NAMES)
+    assert not unknown, f"not WorkerSettings fields: {unknown}"
+
+
+def test_k8s_settings_validate(
+    k8s_worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_from(k8s_worker_env, monkeypatch)
+    assert settings.http_port == DEFAULT_HTTP_PORT
+
+
+def http_port_number(container: dict[str, Any], port: int | str) -> int:
+    """A probe's port, resolving a named container port."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    return int(number)
+
+
+@pytest.mark.parametrize(
+    ("probe", "path"),
+    [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")],
+)
+def test_probes_ask_the_health_server(
+    worker_container: dict[str, Any], k8s_worker_env: dict[str, str], probe: str, path: str
+) -> None:
+    http_get = worker_container[probe]["httpGet"]
+    assert http_get["path"] == path
+    assert http_port_number(worker_container, http_get["port"]) == int(
+        k8s_worker_env["INFERQ_HTTP_PORT"]
+    )
+
+
+def test_prometheus_scrapes_metrics_on_the_http_port(
+    k8s_objects: dict[tuple[str, str], dict[str, Any]], k8s_worker_env: dict[str, str]
+) -> None:
+    annotations = k8s_objects["Deployment", "inferq-worker"]["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == k8s_worker_env["INFERQ_HTTP_PORT"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_termination_grace_outlasts_the_shutdown(
+    pod_spec: dict[str, Any], k8s_worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutdown_timeout_s = settings_from(k8s_worker_env, monkeypatch).shutdown_timeout_s
+    assert pod_spec["terminationGracePeriodSeconds"] > shutdown_timeout_s + SUPERVISOR_EXTRA_S
+
+
+def test_one_process_per_pod(worker_container: dict[str, Any]) -> None:
+    """The probes and the scrape annotation reach child 0 only (child i listens on port + i)."""
+    assert worker_container["args"] == ["--procs", "1"]
+
+
+def test_the_deployment_selects_its_pods(
+    k8s_objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = k8s_objects["Deployment", "inferq-worker"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
