@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from rich.console import Console
 from rich.table import Table
 
@@ -34,23 +32,10 @@ from schemas.settings import KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 from workers.example_models import write_example_models
 from workers.models import torchscript_deprecation_silenced
+from workers.topics import ensure_topics
 
 console = Console(stderr=True)
 DEMO_HTTP_PORT = 9400
-
-
-async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> None:
-    """Create the topics the demo uses (a no-op for those that exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await admin.start()
-    try:
-        for name in names:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
-                )
-    finally:
-        await admin.close()
 
 
 def check_against_model(
@@ -93,8 +78,12 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
     config = stack.config
     kafka = KafkaSettings(bootstrap_servers=config.bootstrap_servers)
     topics = TopicNames(prefix=kafka.topic_prefix)
+    # Made here (not left to the worker) to have the --partitions the demo asks for.
     await ensure_topics(
-        kafka.bootstrap_servers, [topics.requests("mlp"), topics.results("mlp")], partitions
+        kafka,
+        [topics.requests("mlp"), topics.results("mlp")],
+        partitions=partitions,
+        replication_factor=1,
     )
     write_example_models(models_dir)
     env = {
