@@ -8,13 +8,14 @@ so the partition keeps flowing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from schemas.codec import CodecLimits, ContentType, content_type_of, decode_request, encode_result
 from schemas.errors import ErrorCode, SchemaError
 from schemas.messages import InferenceRequest, InferenceResult, Timing
+from schemas.tensors import Tensor
 from schemas.topics import (
     HEADER_CONTENT_TYPE,
     HEADER_ERROR_CODE,
@@ -24,7 +25,7 @@ from schemas.topics import (
 )
 from workers.errors import WorkerError
 from workers.metrics import Outcome
-from workers.models import InputSignature, LoadedModel, ModelRepository, signature_of
+from workers.models import InputSignature, LoadedModel, ModelRepository
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -72,11 +73,9 @@ class PendingRequest:
     key: BatchKey
 
 
-def batch_key(model: LoadedModel, tensors: dict[str, torch.Tensor]) -> BatchKey:
+def batch_key(model: LoadedModel, inputs: Sequence[Tensor]) -> BatchKey:
     """The key of the batch a request joins: its model version and per-row input shapes."""
-    signature = tuple(
-        sorted(InputSignature(s.name, s.datatype, s.shape[1:]) for s in signature_of(tensors))
-    )
+    signature = tuple(sorted(InputSignature(t.name, t.datatype.value, t.shape[1:]) for t in inputs))
     return BatchKey(model.name, model.version, signature)
 
 
@@ -104,6 +103,8 @@ class Admission:
     topics: TopicNames
     limits: CodecLimits
     worker_id: str
+    accepted: set[BatchKey] = field(default_factory=set)
+    """Signatures that passed the model's checks once: later requests skip them."""
 
     def admit(
         self,
@@ -136,8 +137,9 @@ class Admission:
         result_topic = request.reply_to or self.topics.results(topic_model)
         try:
             model = self.repository.get(request.model, request.version)
+            signature = batch_key(model, request.inputs)
             tensors = {tensor.name: tensor.to_torch() for tensor in request.inputs}
-            rows = model.check_tensors(tensors)
+            rows = self._rows(model, signature, request.inputs, tensors)
         except WorkerError as error:
             return self.reply(
                 source,
@@ -165,8 +167,25 @@ class Admission:
             received_at=received_at,
             received_ms=received_ms,
             result_topic=result_topic,
-            key=batch_key(model, tensors),
+            key=signature,
         )
+
+    def _rows(
+        self,
+        model: LoadedModel,
+        key: BatchKey,
+        inputs: Sequence[Tensor],
+        tensors: dict[str, torch.Tensor],
+    ) -> int:
+        """The request's batch rows, checking its inputs against the model on first sight."""
+        if key in self.accepted:
+            rows = {tensor.shape[0] for tensor in inputs}
+            (count,) = rows if len(rows) == 1 else (0,)
+            if count >= 1:
+                return count
+        count = model.check_tensors(tensors)
+        self.accepted.add(key)
+        return count
 
     def reply(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,3 +67,8 @@ class WorkerMetrics:
     def answered(self, model: str, outcome: Outcome, code: str = "") -> None:
         """Count one request leaving the worker."""
         self.requests.labels(model=model, outcome=outcome.value, code=code).inc()
+
+    def answered_many(self, counts: Mapping[tuple[str, Outcome, str], int]) -> None:
+        """Count requests leaving the worker, by (model, outcome, code)."""
+        for (model, outcome, code), count in counts.items():
+            self.requests.labels(model=model, outcome=outcome.value, code=code).inc(count)
