@@ -11,6 +11,7 @@ from schemas.codec import (
     decode_result,
     encode_request,
     encode_result,
+    encode_success,
 )
 from schemas.errors import (
     DecodeError,
@@ -68,5 +69,6 @@ __all__ = [
     "decode_result",
     "encode_request",
     "encode_result",
+    "encode_success",
     "now_ms",
 ]

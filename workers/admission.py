@@ -212,6 +212,19 @@ class Admission:
             cache_key=self.topics.result_key(request.id),
         )
 
+    def answer(self, pending: PendingRequest, value: bytes) -> Answer:
+        """The ok answer of a request that ran: ``value`` is its encoded result."""
+        return Answer(
+            source=pending.source,
+            topic=pending.result_topic,
+            key=pending.request.id.encode(),
+            value=value,
+            headers=((HEADER_CONTENT_TYPE, pending.content_type.value.encode()),),
+            model=pending.request.model,
+            outcome=Outcome.OK,
+            cache_key=self.topics.result_key(pending.request.id),
+        )
+
     def expired(
         self,
         source: RecordSource,

@@ -27,6 +27,15 @@ from workers.metrics import Sink, WorkerMetrics
 log = structlog.get_logger(__name__)
 
 INITIAL_BACKOFF_S = 0.05
+
+SET_FIRST_WINS = """
+local earlier = {}
+for i = 1, #KEYS do
+  earlier[i] = redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1], 'NX', 'GET')
+end
+return earlier
+"""
+"""SET NX GET of each KEYS[i] to ARGV[i + 1] with TTL ARGV[1]; the values already there."""
 _PARTITIONER = DefaultPartitioner()
 
 
@@ -63,6 +72,8 @@ class ResultWriter:
         self._ttl_s = result_ttl_s
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
+        # One round trip and one command for a whole group, instead of a SET per result.
+        self._set_first_wins = redis.register_script(SET_FIRST_WINS)
 
     async def cached(self, keys: Sequence[str]) -> list[bytes | None]:
         """The cached results under ``keys`` (None where absent), retried until Redis answers."""
@@ -89,12 +100,13 @@ class ResultWriter:
         if not cached:
             return list(answers)
         backoff = Backoff(max_s=self._max_backoff_s)
+        keys = [key for _, key in cached]
+        values = [answer.value for answer, _ in cached]
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for answer, key in cached:
-                        pipe.set(key, answer.value, ex=self._ttl_s, nx=True, get=True)
-                    earlier: list[bytes | None] = await pipe.execute()
+                earlier: list[bytes | None] = await self._set_first_wins(
+                    keys=keys, args=[self._ttl_s, *values]
+                )
                 break
             except (RedisError, OSError) as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()

@@ -20,15 +20,19 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 import structlog
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
+from numpy.typing import NDArray
 
-from schemas.codec import CodecLimits
-from schemas.messages import InferenceResult, Timing
-from schemas.tensors import Tensor
+from schemas.codec import CodecLimits, encode_success
+from schemas.messages import InferenceResult, Timing, now_ms
+from schemas.tensors import Datatype
 from schemas.topics import TopicNames
 from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
 from workers.batcher import Batch, Batcher, BatchPolicy
@@ -352,6 +356,7 @@ class Worker:
         self._metrics.batch_size.labels(model=metric_model).observe(len(live))
         self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
         output_names = [spec.name for spec in model.config.outputs]
+        output_types = [Datatype(spec.datatype) for spec in model.config.outputs]
         for pending, result in zip(live, outcome.outcomes, strict=True):
             queue_ms = max(started_ms - pending.received_ms, 0.0)
             self._metrics.queue_seconds.labels(model=metric_model).observe(queue_ms / 1000)
@@ -373,24 +378,22 @@ class Worker:
                     )
                 )  # fmt: skip
                 continue
-            outputs = [
-                Tensor.from_torch(name, tensor)
-                for name, tensor in zip(output_names, result.outputs, strict=True)
-            ]
-            answer_result = InferenceResult.success(
+            value = encode_success(
                 request_id=pending.request.id,
                 model=model.name,
                 version=model.version,
-                outputs=outputs,
+                outputs=[
+                    (name, datatype, _wire_array(tensor, datatype))
+                    for name, datatype, tensor in zip(
+                        output_names, output_types, result.outputs, strict=True
+                    )
+                ],
                 timing=timing,
                 worker=self._settings.worker_id,
+                created_ms=now_ms(),
+                content_type=pending.content_type,
             )
-            answers.append(
-                self._admission.reply(
-                    pending.source, pending.request, pending.content_type, answer_result,
-                    Outcome.OK,
-                )
-            )  # fmt: skip
+            answers.append(self._admission.answer(pending, value))
         return answers
 
     # --- writing and committing -----------------------------------------------------------
@@ -459,3 +462,11 @@ class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
         log.info("partitions_assigned", partitions=names)
+
+
+def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
+    """A CPU output tensor as the array the wire carries (BF16 as its raw uint16 bits)."""
+    if datatype is Datatype.BF16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    array: NDArray[Any] = tensor.numpy()
+    return array

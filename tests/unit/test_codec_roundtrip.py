@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -23,6 +24,7 @@ from schemas import (
     decode_result,
     encode_request,
     encode_result,
+    encode_success,
 )
 
 ZERO_COPY = CodecLimits(zero_copy_min_bytes=0)
@@ -186,3 +188,33 @@ def test_json_carries_non_finite_floats_as_words() -> None:
     assert b'"data":["NaN","Infinity","-Infinity",1.5]' in payload
     decoded = decode_request(payload, ContentType.JSON).inputs[0].data
     assert np.array_equal(decoded, values, equal_nan=True)
+
+
+@pytest.mark.parametrize("content_type", list(ContentType))
+def test_encode_success_writes_the_bytes_of_an_ok_result(content_type: ContentType) -> None:
+    logits = np.arange(20, dtype=np.float32).reshape(2, 10)
+    flags = np.array([[True, False]])
+    timing = Timing(queue_ms=1.5, infer_ms=0.25, batch_size=7)
+    fast = encode_success(
+        request_id="r-1",
+        model="mlp",
+        version=3,
+        outputs=[("logits", Datatype.FP32, logits), ("flags", Datatype.BOOL, flags)],
+        timing=timing,
+        worker="host-1-0",
+        created_ms=1_700_000_000_000,
+        content_type=content_type,
+    )
+    slow = encode_result(
+        InferenceResult.success(
+            "r-1",
+            "mlp",
+            3,
+            [Tensor.from_numpy("logits", logits), Tensor.from_numpy("flags", flags)],
+            timing=timing,
+            worker="host-1-0",
+            created_ms=1_700_000_000_000,
+        ),
+        content_type,
+    )
+    assert fast == slow
