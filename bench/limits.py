@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers.models import MODEL_FILENAME, torchscript_deprecation_silenced
+from workers.results import SET_FIRST_WINS
 
 RESULTS = Path(__file__).parent / "results"
 REQUEST_BYTES = 3_300
@@ -158,11 +159,14 @@ async def transport_limit(
 ) -> LimitResult:
     """Records/s of aiokafka alone doing a worker's Kafka work for `expected` requests.
 
-    Consumes `request_topic` from the earliest offset in group `group_id` (manual commits,
-    `getmany` of up to 1024), produces one `result_bytes`-byte record per request to
-    `result_topic` under the request's key (acks all, idempotent, linger 2 ms), awaits the
-    poll batch's acks, then commits its offsets. with_redis: a Redis URL; when given, each
-    poll batch's results are also SET (EX 600) in one pipeline, overlapped with the acks.
+    The best this machine does with aiokafka, using the worker's own techniques so that it
+    is a ceiling for it: consumes `request_topic` from the earliest offset in group
+    `group_id` (manual commits, `getmany` of up to 1024, 1 MiB partition fetches), produces
+    one `result_bytes`-byte record per request to `result_topic` under the request's key in
+    per-partition batches (acks all, idempotent, linger 2 ms), with one poll's records in
+    flight while the next is read; commits each poll's offsets once acknowledged.
+    with_redis: a Redis URL; when given, each poll's results are first written to Redis in
+    one first-result-wins script call (EX 600), as the worker does.
     Timed from consumer start to the last ack; TimeoutError after `timeout_s`.
     """
     if expected < 1 or result_bytes < 0 or timeout_s <= 0:
@@ -173,6 +177,7 @@ async def transport_limit(
         acks="all",
         enable_idempotence=True,
         linger_ms=2,
+        max_batch_size=512 * 1024,  # the worker's producer settings
     )
     consumer = AIOKafkaConsumer(
         request_topic,
@@ -181,10 +186,12 @@ async def transport_limit(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=POLL_MAX_RECORDS,
-        fetch_max_bytes=52_428_800,
+        fetch_max_bytes=8 * 1_048_576,  # the worker's fetch settings
         max_partition_fetch_bytes=1_048_576,
     )
     redis = aioredis.Redis.from_url(with_redis) if with_redis is not None else None
+    set_all = redis.register_script(SET_FIRST_WINS) if redis is not None else None
+    in_flight: tuple[list[asyncio.Future[Any]], dict[Any, int]] | None = None
     received = 0
     poll_batches = 0
     first_record_s = 0.0
@@ -208,22 +215,25 @@ async def transport_limit(
             if poll_batches == 0:
                 first_record_s = time.perf_counter() - start
             poll_batches += 1
-            acks: list[asyncio.Future[Any]] = []
-            for records in polled.values():
-                for record in records:
-                    acks.append(await producer.send(result_topic, value=payload, key=record.key))
-            if redis is not None:
-                pipe = redis.pipeline(transaction=False)
-                for records in polled.values():
-                    for record in records:
-                        pipe.set(REDIS_KEY_PREFIX + _text(record.key), payload, ex=RESULT_TTL_S)
-                await asyncio.gather(pipe.execute(), *acks)
-            else:
-                await asyncio.gather(*acks)
-            last_ack = time.perf_counter()
-            received += len(acks)
+            keys = [record.key for records in polled.values() for record in records]
+            if set_all is not None:
+                # The same single-command write of a whole group that inferq's worker uses.
+                await set_all(
+                    keys=[REDIS_KEY_PREFIX + _text(key) for key in keys],
+                    args=[RESULT_TTL_S, *([payload] * len(keys))],
+                )
+            acks = await _send_batched(producer, result_topic, keys, payload)
             offsets = {tp: records[-1].offset + 1 for tp, records in polled.items()}
-            await consumer.commit(offsets)
+            # One poll's records in flight while the next is read, as the worker overlaps them.
+            if in_flight is not None:
+                await asyncio.gather(*in_flight[0])
+                await consumer.commit(in_flight[1])
+            in_flight = (acks, offsets)
+            received += len(keys)
+        if in_flight is not None:
+            await asyncio.gather(*in_flight[0])
+            await consumer.commit(in_flight[1])
+        last_ack = time.perf_counter()
     finally:
         await consumer.stop()
         await producer.stop()
@@ -244,6 +254,27 @@ async def transport_limit(
             "result_bytes": float(result_bytes),
         },
     )
+
+
+async def _send_batched(
+    producer: AIOKafkaProducer, topic: str, keys: Sequence[bytes | None], payload: bytes
+) -> list[asyncio.Future[Any]]:
+    """Send one record per key in per-partition batches (murmur2 partitions); their acks."""
+    partitions = sorted(await producer.partitions_for(topic))
+    builders: dict[int, Any] = {}
+    acks: list[asyncio.Future[Any]] = []
+    for key in keys:
+        partition = partitions[(murmur2(key or b"") & 0x7FFFFFFF) % len(partitions)]
+        builder = builders.get(partition)
+        if builder is None:
+            builder = builders[partition] = producer.create_batch()
+        if builder.append(key=key, value=payload, timestamp=None) is None:
+            acks.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = builders[partition] = producer.create_batch()
+            builder.append(key=key, value=payload, timestamp=None)
+    for partition, builder in builders.items():
+        acks.append(await producer.send_batch(builder, topic, partition=partition))
+    return acks
 
 
 def _text(key: bytes | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -33,6 +34,11 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
     if not repository.names():
         raise SystemExit(f"no models to serve under {settings.models_dir}")
     metrics = WorkerMetrics()
+    # Everything alive now (torch, the models, the settings) lives as long as the process:
+    # move it out of the cyclic GC's sight, or each full collection walks it all and stalls
+    # the event loop for tens of milliseconds, which shows as latency tails.
+    gc.collect()
+    gc.freeze()
     async with ModelRunner(device=device, num_threads=settings.torch_threads) as runner:
         worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
         health = None

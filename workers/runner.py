@@ -76,10 +76,15 @@ class BatchExecution:
     Synchronous and blocking: `ModelRunner` runs it on its thread; tests may call it directly.
     """
 
-    def __init__(self, *, model: LoadedModel) -> None:
-        """model: the loaded model the batch runs through, on `model.device`."""
+    def __init__(self, *, model: LoadedModel, inputs_checked: bool = False) -> None:
+        """model: the loaded model the batch runs through, on `model.device`.
+
+        inputs_checked: the caller has already run `model.check_tensors` on every request
+        (the worker does at admission), so only the rows are read here.
+        """
         self._model = model
         self._device = model.device
+        self._inputs_checked = inputs_checked
         self.forward_passes = 0
 
     def run(self, requests: Sequence[Mapping[str, torch.Tensor]]) -> list[RequestOutcome]:
@@ -87,6 +92,9 @@ class BatchExecution:
         outcomes: list[RequestOutcome | None] = [None] * len(requests)
         valid: list[_Request] = []
         for index, tensors in enumerate(requests):
+            if self._inputs_checked:
+                valid.append(_Request(index, tensors, next(iter(tensors.values())).shape[0]))
+                continue
             try:
                 rows = self._model.check_tensors(tensors)
             except WorkerError as error:
@@ -191,11 +199,13 @@ class BatchExecution:
 
 
 def execute_batch(
-    model: LoadedModel, requests: Sequence[Mapping[str, torch.Tensor]]
+    model: LoadedModel,
+    requests: Sequence[Mapping[str, torch.Tensor]],
+    inputs_checked: bool = False,
 ) -> BatchOutcome:
     """Run a batch synchronously (blocking); what `ModelRunner.run_batch` runs on its thread."""
     started = time.perf_counter()
-    execution = BatchExecution(model=model)
+    execution = BatchExecution(model=model, inputs_checked=inputs_checked)
     outcomes = execution.run(requests)
     return BatchOutcome(
         outcomes=tuple(outcomes),
@@ -237,9 +247,15 @@ class ModelRunner:
         return self._device
 
     async def run_batch(
-        self, model: LoadedModel, requests: Sequence[Mapping[str, torch.Tensor]]
+        self,
+        model: LoadedModel,
+        requests: Sequence[Mapping[str, torch.Tensor]],
+        *,
+        inputs_checked: bool = False,
     ) -> BatchOutcome:
         """Run `requests` (input name → CPU tensor, dim 0 its rows) as one batch of `model`.
+
+        inputs_checked: every request already passed `model.check_tensors` (skip it here).
 
         Per-request problems come back as `RequestFailed`; nothing raises for them. If the
         caller is cancelled, the batch still finishes on the thread and its result is dropped.
@@ -255,7 +271,9 @@ class ModelRunner:
         if not requests:
             return BatchOutcome(outcomes=(), infer_ms=0.0, forward_passes=0)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, execute_batch, model, list(requests))
+        return await loop.run_in_executor(
+            self._executor, execute_batch, model, list(requests), inputs_checked
+        )
 
     async def close(self) -> None:
         """Refuse new batches and wait (off the event loop) for the running one to finish."""

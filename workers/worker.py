@@ -351,7 +351,9 @@ class Worker:
         if not live:
             return answers
         model = live[0].model
-        outcome = await self._runner.run_batch(model, [pending.tensors for pending in live])
+        outcome = await self._runner.run_batch(
+            model, [pending.tensors for pending in live], inputs_checked=True
+        )
         metric_model = model.name
         self._metrics.batch_size.labels(model=metric_model).observe(len(live))
         self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)

@@ -328,3 +328,13 @@ def test_resolve_with_two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_resolve_unsupported_device(spec: str) -> None:
     with pytest.raises(DeviceUnavailableError, match="unsupported device"):
         resolve_device(spec)
+
+
+def test_inputs_checked_skips_the_check_and_still_splits_rows() -> None:
+    model = vector_model(Poisonable())
+    requests = rows_of(2, 1, 3)
+    checked = execute_batch(model, requests, inputs_checked=True)
+    unchecked = execute_batch(model, requests)
+    for fast, slow in zip(checked.outcomes, unchecked.outcomes, strict=True):
+        assert torch.equal(succeeded(fast)[0], succeeded(slow)[0])
+    assert [succeeded(o)[0].shape[0] for o in checked.outcomes] == [2, 1, 3]
