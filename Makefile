@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 
 export INFERQ_CACHE_DIR := $(CACHE_DIR)
 
-.PHONY: help venv demo test lint typecheck unit stack-up stack-down stack-status bench bench-gpu clean
+.PHONY: help venv bench-venv demo test lint typecheck unit stack-up stack-down stack-status \
+	bench bench-quick bench-gpu clean
 
 help:
 	@echo "make demo        start Kafka + Redis, run the end-to-end demo, stop them"
@@ -25,7 +26,9 @@ help:
 	@echo "make typecheck   mypy --strict on workers/ producers/ schemas/"
 	@echo "make unit        the unit tests only (no Kafka, no Redis)"
 	@echo "make stack-up | stack-down | stack-status   the local stack on ports 9092/9093/6379"
-	@echo "make bench       benchmarks (not part of make test)"
+	@echo "make bench       codec + end-to-end benchmarks, ~15 min (not part of make test)"
+	@echo "make bench-quick the end-to-end benchmark on 20,000 requests, ~4 min"
+	@echo "make bench-gpu   batcher + runner against the raw forward on a CUDA GPU"
 
 venv: $(STAMP)
 
@@ -65,8 +68,23 @@ stack-down: venv
 stack-status: venv
 	$(STACK) status
 
-bench: venv
+# The bench extra adds the framework peers (FastStream), matplotlib and py-spy.
+BENCH_STAMP := $(VENV)/.inferq-bench-$(SPEC_HASH)
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: bench-venv
 	$(PY) bench/codec.py
+	$(PY) bench/e2e.py --scenario all
+
+bench-quick: bench-venv
+	$(PY) bench/e2e.py --scenario all --count 20000 --latency-seconds 8
+
+bench-gpu: bench-venv
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf .stack .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -47,6 +47,9 @@ from workers.topics import ensure_topics
 log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 100
+BATCHES_AHEAD = 2
+"""Batches handed to the runner at once: one running and one queued behind it, so the model
+does not wait on the event loop between batches."""
 RESUME_FRACTION = 0.75
 """Paused intake resumes once in-flight requests fall to this fraction of the bound."""
 
@@ -318,18 +321,41 @@ class Worker:
         )
 
     async def _dispatch_loop(self) -> None:
+        slots = asyncio.Semaphore(BATCHES_AHEAD)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                for task in [t for t in running if t.done()]:
+                    running.discard(task)
+                    task.result()  # a failed batch task fails the worker
+                batch = await self._next_due_batch()
+                task = asyncio.create_task(self._run_and_queue(batch, slots))
+                running.add(task)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _next_due_batch(self) -> Batch[BatchKey, PendingRequest]:
         while True:
             now = math.inf if self._flush_requests else time.monotonic()
             batch = self._batcher.pop_due(now)
-            if batch is None:
-                self._batch_ready.clear()
-                due_at = self._batcher.next_due_at()
-                wait_s = None if due_at is None else max(due_at - time.monotonic(), 0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._batch_ready.wait(), wait_s)
-                continue
-            answers = await self._run(batch)
-            self._answers.put_nowait(answers)
+            if batch is not None:
+                return batch
+            self._batch_ready.clear()
+            due_at = self._batcher.next_due_at()
+            wait_s = None if due_at is None else max(due_at - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_ready.wait(), wait_s)
+
+    async def _run_and_queue(
+        self, batch: Batch[BatchKey, PendingRequest], slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            self._answers.put_nowait(await self._run(batch))
+        finally:
+            slots.release()
 
     async def _run(self, batch: Batch[BatchKey, PendingRequest]) -> list[Answer]:
         started_ms = time.time() * 1000

@@ -11,18 +11,22 @@ header). It runs the model on the one request, SETs the result in Redis (redis.a
 
 `--mode batch`: `@broker.subscriber(topic, batch=True, max_records=N, ...)`; the handler
 gets up to N bodies from one `getmany`, runs the model once on them all, SETs every result
-in one Redis pipeline and sends them with one `broker.publish_batch` per (topic, encoding),
-per-record keys through `KafkaPublishMessage`. FastStream sends a batch to a single partition
-chosen by aiokafka (`send_batch` with no partition), not by hashing each key as inferq does.
+in one Redis pipeline, then publishes each result with `broker.publish(..., no_confirm=True)`
+and awaits all the delivery futures together. Not `broker.publish_batch`: it builds a single
+aiokafka batch, capped by the producer's `max_batch_size` (16 KiB), which overflows
+(`BatchBufferOverflowException`) at about 55 mlp results, and it sends the whole batch to one
+partition rather than hashing each key as inferq does.
+
 In both modes values, keys and the content-type header are inferq's; FastStream adds a
 `correlation_id` header of its own.
 
 Commits: FastStream's default `AckPolicy.ACK_FIRST`, which turns on aiokafka's auto-commit
 (`enable_auto_commit=True`, every `auto_commit_interval_ms` = 5 s): offsets are committed on
-consumption, whether the handler succeeded or not, so a crash may lose up to 5 s of requests.
-FastStream also logs every message received and processed at INFO (its default; `--quiet`
-passes `KafkaBroker(logger=None)`, which FastStream reads as "no logger"). The app
-runner (`FastStream(broker).run()`) stops the broker on SIGTERM or SIGINT and exits 0.
+consumption, whether the handler succeeded or not, so a crash loses the requests consumed
+but not yet answered. FastStream logs every message received and processed at INFO (its
+default); `--quiet` passes `KafkaBroker(logger=None)`, which also silences the handler
+exceptions FastStream would log, so check a run without it first. The app runner
+(`FastStream(broker).run()`) stops the broker on SIGTERM or SIGINT and exits 0.
 """
 
 from __future__ import annotations
@@ -35,12 +39,11 @@ if __package__ in {None, ""}:  # run as a script: make the repository root impor
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from faststream import FastStream
-from faststream.kafka import ConsumerRecord, KafkaBroker, KafkaMessage, KafkaPublishMessage
+from faststream.kafka import ConsumerRecord, KafkaBroker, KafkaMessage
 
 from bench.peers.common import (
     PeerModel,
@@ -54,7 +57,6 @@ from bench.peers.common import (
     result_topic,
     worker_id,
 )
-from schemas.codec import ContentType
 from schemas.errors import SchemaError
 from schemas.topics import HEADER_CONTENT_TYPE
 
@@ -118,20 +120,19 @@ def build_app(options: PeerOptions, model: PeerModel) -> FastStream:
                 for received, value in zip(batch, values, strict=True):
                     pipe.set(topics.result_key(received.request.id), value, ex=options.ttl_s)
                 await pipe.execute()
-            groups: defaultdict[tuple[str, ContentType], list[KafkaPublishMessage]] = defaultdict(
-                list
-            )
-            for received, value in zip(batch, values, strict=True):
-                destination = result_topic(topics, received.request)
-                groups[destination, received.content_type].append(
-                    KafkaPublishMessage(value, key=received.request.id.encode())
+            # no_confirm: publish returns the delivery future at once, so the batch's
+            # records are in flight together; then wait for every ack.
+            deliveries = [
+                await broker.publish(
+                    value,
+                    topic=result_topic(topics, received.request),
+                    key=received.request.id.encode(),
+                    headers={HEADER_CONTENT_TYPE: received.content_type.value},
+                    no_confirm=True,
                 )
-            for (destination, content_type), messages in groups.items():
-                await broker.publish_batch(
-                    *messages,
-                    topic=destination,
-                    headers={HEADER_CONTENT_TYPE: content_type.value},
-                )
+                for received, value in zip(batch, values, strict=True)
+            ]
+            await asyncio.gather(*deliveries)
 
     async def close_redis() -> None:
         await redis.aclose()

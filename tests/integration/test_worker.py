@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -11,10 +17,12 @@ import redis.asyncio as aioredis
 import torch
 from aiokafka import AIOKafkaProducer
 
+from deploy.local.stack import free_port, redis_answers
 from producers.load import publish, random_requests
 from schemas.codec import ContentType, decode_result, encode_request, encode_result
 from schemas.errors import ErrorCode
 from schemas.messages import InferenceRequest, InferenceResult, ResultStatus
+from schemas.settings import RedisSettings
 from schemas.tensors import Tensor
 from schemas.topics import HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, TopicNames
 from tests.conftest import TopicFactory
@@ -322,3 +330,51 @@ async def test_a_poison_request_fails_alone_and_its_batch_mates_succeed(
         if i != 5:
             assert results[request.id].ok
             np.testing.assert_array_equal(results[request.id].outputs[0].to_numpy(), values[i] * 2)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, which it may stall; its URL and process."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not redis_answers("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(10)
+
+
+async def test_a_stalled_redis_delays_answers_but_loses_none(
+    deployment: Deployment, private_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Writes retry with backoff while Redis does not answer; nothing is dropped."""
+    redis_url, redis_server = private_redis
+    private = dataclasses.replace(deployment, redis_url=redis_url)
+    requests = random_requests(model="mlp", count=600, input_name="input", row_shape=[784])
+    overrides = {"redis": RedisSettings(url=redis_url, socket_timeout_s=0.5),
+                 "write_retry_max_backoff_s": 0.5}  # fmt: skip
+    async with running_worker(private, **overrides) as running, private.client() as client:
+        await wait_until_ready(running)
+        await publish(client, requests[:200])
+        await client.results([r.id for r in requests[:200]], timeout_s=60)
+        redis_server.send_signal(signal.SIGSTOP)  # Redis hangs: its commands time out
+        try:
+            await publish(client, requests[200:])
+            await asyncio.sleep(3)
+        finally:
+            redis_server.send_signal(signal.SIGCONT)
+        results = await client.results([r.id for r in requests], timeout_s=60)
+    retries = running.metrics.registry.get_sample_value(
+        "inferq_write_retries_total", {"sink": "redis"}
+    )
+    assert len(results) == len(requests)
+    assert all(result.ok for result in results.values())
+    assert retries, "the stalled Redis made the writer retry"
