@@ -50,7 +50,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from bench.limits import model_limit, prepublish, transport_limit
+from bench.limits import LimitResult, model_limit, prepublish, transport_limit
 from deploy.local.stack import KAFKA_VERSION, LocalStack, StackConfig, free_port
 from schemas.codec import decode_result, encode_request, encode_result
 from schemas.messages import InferenceRequest, InferenceResult, Timing, now_ms
@@ -474,14 +474,17 @@ async def run_scenario(
         },
     )
     console.rule(f"scenario {scenario.name}: {scenario.model}, {scenario.count:,} requests")
-    limit = await asyncio.to_thread(
-        model_limit,
-        model_file=bench.models_dir / scenario.model / "1" / "model.pt",
-        input_shape=scenario.row_shape,
-        batch_size=config.max_batch_size,
-        threads=bench.threads,
-    )
-    report.limits["model"] = limit.as_dict()
+
+    async def measure_model_limit() -> LimitResult:
+        return await asyncio.to_thread(
+            model_limit,
+            model_file=bench.models_dir / scenario.model / "1" / "model.pt",
+            input_shape=scenario.row_shape,
+            batch_size=config.max_batch_size,
+            threads=bench.threads,
+        )
+
+    limit = await measure_model_limit()
     console.print(f"model limit: {limit.rate_per_s:,.0f} samples/s")
     prefix = f"b{uuid.uuid4().hex[:8]}"
     await bench.prepare(scenario, prefix)
@@ -527,6 +530,13 @@ async def run_scenario(
                     cap_s=scenario.peer_cap_s,
                 )
             )
+    # This machine's CPU speed drifts by up to 2x over minutes (seen here); measure the
+    # ceiling again after the inferq runs and keep the higher, so ratios are conservative.
+    again = await measure_model_limit()
+    console.print(f"model limit, measured again: {again.rate_per_s:,.0f} samples/s")
+    report.limits["model_runs"] = [limit.rate_per_s, again.rate_per_s]
+    limit = max(limit, again, key=lambda result: result.rate_per_s)
+    report.limits["model"] = limit.as_dict()
     inferq = report.drains[0]
     rates = {d.name: d.rate_per_s for d in report.drains}
     report.ratios = {
