@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.limits import LimitResult, model_limit, prepublish, transport_limit
+from deploy.local.demo import wait_until_ready
 from deploy.local.stack import KAFKA_VERSION, LocalStack, StackConfig, free_port
 from schemas.codec import decode_result, encode_request, encode_result
 from schemas.messages import InferenceRequest, InferenceResult, Timing, now_ms
@@ -186,8 +187,8 @@ class Bench:
             (self.models_dir / model / "1" / "config.json").read_text()
         )
 
-    async def prepare(self, scenario: Scenario, prefix: str) -> list[bytes]:
-        """Create the topics and pre-publish the scenario's requests; returns their ids."""
+    async def create_topics(self, scenario: Scenario, prefix: str) -> TopicNames:
+        """The scenario's request, result and dead-letter topics under ``prefix``."""
         topics = TopicNames(prefix=prefix)
         await ensure_topics(
             KafkaSettings(bootstrap_servers=self.bootstrap),
@@ -195,6 +196,11 @@ class Bench:
             partitions=scenario.partitions,
             replication_factor=1,
         )
+        return topics
+
+    async def prepare(self, scenario: Scenario, prefix: str) -> list[bytes]:
+        """Create the topics and pre-publish the scenario's requests; returns their ids."""
+        topics = await self.create_topics(scenario, prefix)
         rng = np.random.default_rng(0)
         rows = rng.standard_normal((1024, 1, *scenario.row_shape), dtype=np.float32)
         keys = [f"r{i}".encode() for i in range(scenario.count)]
@@ -307,33 +313,12 @@ class Bench:
         )
         return drain
 
-    async def wait_ready(self, port: int, process: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the worker exited with {process.returncode}")
-            with contextlib.suppress(OSError):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"GET /readyz HTTP/1.1\r\n\r\n")
-                status = await reader.readline()
-                writer.close()
-                if b" 200 " in status:
-                    return
-            await asyncio.sleep(0.2)
-        raise TimeoutError("worker not ready")
-
     async def latency_point(
         self, scenario: Scenario, *, fraction: float, capacity: float, seconds: float
     ) -> LatencyPoint:
         """Offer ``fraction`` x ``capacity`` requests/s for ``seconds`` to a fresh worker."""
         prefix = f"lat{uuid.uuid4().hex[:8]}"
-        topics = TopicNames(prefix=prefix)
-        await ensure_topics(
-            KafkaSettings(bootstrap_servers=self.bootstrap),
-            [topics.requests(scenario.model), topics.results(scenario.model), topics.dead_letters],
-            partitions=scenario.partitions,
-            replication_factor=1,
-        )
+        topics = await self.create_topics(scenario, prefix)
         await self.redis.flushdb()
         port = free_port()
         env = self.worker_env(prefix, f"{prefix}-workers", port)
@@ -349,7 +334,7 @@ class Bench:
         created: dict[str, int] = {}
         rate = fraction * capacity
         try:
-            await self.wait_ready(port, worker)
+            await wait_until_ready(worker, port=port, timeout_s=120)
             await producer.start()
             topic = topics.requests(scenario.model)
             # One request answered first: the worker has its partitions and is warm.
