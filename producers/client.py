@@ -40,6 +40,8 @@ class InferenceClient:
             acks="all",
             enable_idempotence=True,
             linger_ms=settings.linger_ms,
+            # aiokafka's 16 KiB default holds only a handful of tensor requests per batch.
+            max_batch_size=1024 * 1024,
             max_request_size=settings.max_request_bytes,
             request_timeout_ms=settings.kafka.request_timeout_ms,
         )

@@ -95,6 +95,8 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
         "INFERQ_GROUP_ID": f"inferq-demo-{int(time.time())}",
         "INFERQ_LOG_JSON": "true",
         "INFERQ_HTTP_PORT": str(DEMO_HTTP_PORT),
+        # The mlp is tiny: one torch thread leaves the other core to the event loop.
+        "INFERQ_TORCH_THREADS": "1",
     }
     worker_log = config.run_dir / "demo-worker.log"
     console.print(f"starting the worker (log: {worker_log})")
@@ -109,7 +111,7 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
     try:
         await wait_until_ready(worker, port=DEMO_HTTP_PORT, timeout_s=120)
         settings = ProducerSettings(
-            kafka=kafka, redis=RedisSettings(url=config.redis_url), result_poll_interval_ms=20
+            kafka=kafka, redis=RedisSettings(url=config.redis_url), result_poll_interval_ms=100
         )
         requests = random_requests(model="mlp", count=count, input_name="input", row_shape=[784])
         async with InferenceClient(settings=settings) as client:
