@@ -27,6 +27,7 @@ from workers.metrics import Sink, WorkerMetrics
 log = structlog.get_logger(__name__)
 
 INITIAL_BACKOFF_S = 0.05
+CACHE_READ_ATTEMPTS = 3
 
 SET_FIRST_WINS = """
 local earlier = {}
@@ -76,18 +77,25 @@ class ResultWriter:
         self._set_first_wins = redis.register_script(SET_FIRST_WINS)
 
     async def cached(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The cached results under ``keys`` (None where absent), retried until Redis answers."""
+        """The cached results under ``keys`` (None where absent or while Redis is down).
+
+        Tried a few times only: this runs on the intake path, which must keep polling Kafka.
+        Reading "absent" by mistake costs a model run, never a second result, since the
+        write keeps the first result of an id and re-sends it.
+        """
         if not keys:
             return []
         backoff = Backoff(max_s=self._max_backoff_s)
-        while True:
+        for attempt in range(1, CACHE_READ_ATTEMPTS + 1):
             try:
                 values = await self._redis.mget(list(keys))
                 return [v.encode() if isinstance(v, str) else v for v in values]
             except (RedisError, OSError) as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
-                log.warning("redis_read_failed", error=repr(error))
-                await backoff.sleep()
+                log.warning("redis_read_failed", error=repr(error), attempt=attempt)
+                if attempt < CACHE_READ_ATTEMPTS:
+                    await backoff.sleep()
+        return [None] * len(keys)
 
     async def write(self, answers: Sequence[Answer]) -> list[Answer]:
         """Write every answer; returns them as sent (with values replaced by earlier winners)."""
