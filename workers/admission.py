@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 
 from schemas.codec import CodecLimits, ContentType, content_type_of, decode_request, encode_result
@@ -28,6 +29,7 @@ from workers.metrics import Outcome
 from workers.models import InputSignature, LoadedModel, ModelRepository
 
 Headers = Sequence[tuple[str, bytes]]
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,31 @@ class Admission:
         received_at: float,
         received_ms: int,
     ) -> PendingRequest | Answer:
-        """Decode and validate one record: a request to batch, or the answer it gets now."""
+        """Decode and validate one record: a request to batch, or the answer it gets now.
+
+        Never raises: a fault of our own becomes an INTERNAL dead letter, so one record
+        cannot crash the worker again and again on every redelivery.
+        """
+        try:
+            return self._admit(
+                source=source, key=key, value=value, headers=headers,
+                received_at=received_at, received_ms=received_ms,
+            )  # fmt: skip
+        except Exception as error:
+            log.exception("admission_failed", source=str(source))
+            message = f"inferq failed to admit this record: {type(error).__name__}: {error}"
+            return self.dead_letter(source, key, value, headers, ErrorCode.INTERNAL, message)
+
+    def _admit(
+        self,
+        *,
+        source: RecordSource,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        received_at: float,
+        received_ms: int,
+    ) -> PendingRequest | Answer:
         topic_model = self.topics.model_of_request_topic(source.topic) or "unknown"
         try:
             content_type = content_type_of(headers)
@@ -178,7 +204,7 @@ class Admission:
         tensors: dict[str, torch.Tensor],
     ) -> int:
         """The request's batch rows, checking its inputs against the model on first sight."""
-        if key in self.accepted:
+        if key in self.accepted and all(tensor.shape for tensor in inputs):
             rows = {tensor.shape[0] for tensor in inputs}
             (count,) = rows if len(rows) == 1 else (0,)
             if count >= 1:

@@ -17,12 +17,22 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from redis.exceptions import RedisError
 
+from schemas.codec import content_type_of, encode_result
+from schemas.errors import ErrorCode
+from schemas.messages import InferenceResult
 from workers.admission import Answer
-from workers.metrics import Sink, WorkerMetrics
+from workers.metrics import Outcome, Sink, WorkerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -98,10 +108,13 @@ class ResultWriter:
         return [None] * len(keys)
 
     async def write(self, answers: Sequence[Answer]) -> list[Answer]:
-        """Write every answer; returns them as sent (with values replaced by earlier winners)."""
+        """Write every answer; returns them as sent (with values replaced by earlier winners).
+
+        Raises when the producer is broken beyond retrying: the worker then stops without
+        committing, and the records are delivered again.
+        """
         answers = await self._write_redis(answers)
-        await self._write_kafka(answers)
-        return list(answers)
+        return await self._write_kafka(answers)
 
     async def _write_redis(self, answers: Sequence[Answer]) -> list[Answer]:
         cached = [(answer, answer.cache_key) for answer in answers if answer.cache_key is not None]
@@ -134,8 +147,11 @@ class ResultWriter:
             for answer in answers
         ]
 
-    async def _write_kafka(self, answers: Sequence[Answer]) -> None:
+    async def _write_kafka(self, answers: Sequence[Answer]) -> list[Answer]:
+        """Send until acknowledged; returns the answers that reached Kafka (or gave up)."""
         pending = list(answers)
+        delivered: list[Answer] = []
+        rounds: dict[int, int] = {}
         backoff = Backoff(max_s=self._max_backoff_s)
         while pending:
             outcomes = await self._send_all(pending)
@@ -143,19 +159,27 @@ class ResultWriter:
             first_error: BaseException | None = None
             for answer, outcome in zip(pending, outcomes, strict=True):
                 if outcome is None:
+                    delivered.append(answer)
                     continue
-                if isinstance(outcome, KafkaError) and not outcome.retriable:
-                    # Retrying cannot help (too large, invalid topic...). The result is in
-                    # Redis; stalling the partition for it would block every request behind.
-                    log.error(
-                        "kafka_write_rejected",
-                        topic=answer.topic,
-                        source=str(answer.source),
-                        error=repr(outcome),
-                    )
-                    continue
-                if not isinstance(outcome, (KafkaError, OSError)):
+                if not isinstance(outcome, KafkaError | OSError):
                     raise outcome
+                if isinstance(outcome, UNDELIVERABLE) or (
+                    isinstance(outcome, UnknownTopicOrPartitionError)
+                    and rounds.get(id(answer), 0) >= MISSING_TOPIC_ROUNDS
+                ):
+                    replacement = _undeliverable(answer, outcome)
+                    if replacement is None:
+                        # Even the stand-in cannot be sent (its topic is invalid or missing).
+                        # The result is in Redis; holding the partition would block all
+                        # the requests behind this one, so its offset moves on.
+                        log.error("kafka_write_abandoned", topic=answer.topic,
+                                  source=str(answer.source), error=repr(outcome))  # fmt: skip
+                        delivered.append(answer)
+                        continue
+                    answer = replacement
+                elif isinstance(outcome, KafkaError) and not _retriable(outcome):
+                    raise outcome  # the producer itself is broken: restart, commit nothing
+                rounds[id(answer)] = rounds.get(id(answer), 0) + 1
                 failed.append(answer)
                 first_error = first_error or outcome
             if failed:
@@ -163,6 +187,7 @@ class ResultWriter:
                 log.warning("kafka_write_failed", answers=len(failed), error=repr(first_error))
                 await backoff.sleep()
             pending = failed
+        return delivered
 
     async def _send_all(self, answers: Sequence[Answer]) -> list[BaseException | None]:
         """Send every answer and wait for the acks: None where acknowledged, else the error.
@@ -170,6 +195,7 @@ class ResultWriter:
         Records are appended to one batch per topic partition (the key's murmur2 partition,
         as every Kafka client computes it) and submitted whole: a per-record ``send`` costs
         a future and a trip through the accumulator each, which dominates at small records.
+        An error is charged only to the records it concerns.
         """
         outcomes: list[BaseException | None] = [None] * len(answers)
         by_topic: dict[str, list[int]] = {}
@@ -181,38 +207,90 @@ class ResultWriter:
                 partitions = sorted(await self._producer.partitions_for(topic))
                 if not partitions:
                     raise UnknownTopicOrPartitionError(f"no partitions known for {topic}")
-                builders: dict[int, tuple[Any, list[int]]] = {}
-                for index in indices:
-                    answer = answers[index]
-                    partition = _PARTITIONER(answer.key, partitions, partitions)
-                    builder, members = builders.get(partition) or (None, [])
-                    if builder is None or not _append(builder, answer):
-                        if builder is not None:
-                            future = await self._producer.send_batch(
-                                builder, topic, partition=partition
-                            )
-                            deliveries.append((members, future))
-                        builder, members = self._producer.create_batch(), []
-                        if not _append(builder, answer):
-                            raise MessageSizeTooLargeError(
-                                f"result of {answer.source} does not fit in a batch"
-                            )
-                    members.append(index)
-                    builders[partition] = (builder, members)
-                for partition, (builder, members) in builders.items():
-                    future = await self._producer.send_batch(builder, topic, partition=partition)
-                    deliveries.append((members, future))
             except KafkaError as error:
-                sent = {i for members, _ in deliveries for i in members}
                 for index in indices:
-                    if index not in sent:
-                        outcomes[index] = error
+                    outcomes[index] = error
+                continue
+            by_partition: dict[int, list[int]] = {}
+            for index in indices:
+                partition = _PARTITIONER(answers[index].key, partitions, partitions)
+                by_partition.setdefault(partition, []).append(index)
+            for partition, members in by_partition.items():
+                builder, batch = self._producer.create_batch(), list[int]()
+                for index in members:
+                    if not _append(builder, answers[index]):
+                        await self._submit(builder, batch, topic, partition, deliveries, outcomes)
+                        builder, batch = self._producer.create_batch(), list[int]()
+                        _append(builder, answers[index])  # an empty batch takes any record
+                    batch.append(index)
+                await self._submit(builder, batch, topic, partition, deliveries, outcomes)
         acks = await asyncio.gather(*(future for _, future in deliveries), return_exceptions=True)
         for (members, _), ack in zip(deliveries, acks, strict=True):
             if isinstance(ack, BaseException):
                 for index in members:
                     outcomes[index] = ack
         return outcomes
+
+    async def _submit(
+        self,
+        builder: Any,
+        members: list[int],
+        topic: str,
+        partition: int,
+        deliveries: list[tuple[list[int], asyncio.Future[object]]],
+        outcomes: list[BaseException | None],
+    ) -> None:
+        if not members:
+            return
+        try:
+            future = await self._producer.send_batch(builder, topic, partition=partition)
+        except KafkaError as error:
+            for index in members:
+                outcomes[index] = error
+        else:
+            deliveries.append((members, future))
+
+
+UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
+"""Errors no retry can fix: the record is too large or its topic can never exist."""
+MISSING_TOPIC_ROUNDS = 5
+"""Rounds a record waits for a missing topic (a `reply_to` nobody created) before giving up."""
+
+
+def _retriable(error: KafkaError) -> bool:
+    # aiokafka marks a send that timed out waiting for buffer space as not retriable;
+    # for us it is back-pressure from the broker, so it is retried like the others.
+    return bool(error.retriable) or isinstance(error, KafkaTimeoutError | OSError)
+
+
+def _undeliverable(answer: Answer, error: BaseException) -> Answer | None:
+    """A small stand-in for an answer Kafka refuses, or None when the topic is the problem.
+
+    A result too large for the broker becomes an INTERNAL error result (the full result
+    stays in Redis); a dead letter too large keeps its headers and loses its value.
+    """
+    if isinstance(error, InvalidTopicError | UnknownTopicOrPartitionError):
+        return None
+    if answer.cache_key is None:
+        if not answer.value:
+            return None
+        return dataclasses.replace(answer, value=b"")
+    if answer.outcome is Outcome.ERROR and answer.code == ErrorCode.INTERNAL.value:
+        return None  # already the stand-in
+    reason = type(error).__name__
+    stand_in = encode_result(
+        InferenceResult.failure(
+            answer.key.decode() if answer.key else "",
+            answer.model,
+            None,
+            ErrorCode.INTERNAL,
+            f"the result could not be written to Kafka ({reason}); it is in Redis",
+        ),
+        content_type_of(list(answer.headers)),
+    )
+    return dataclasses.replace(
+        answer, value=stand_in, outcome=Outcome.ERROR, code=ErrorCode.INTERNAL.value
+    )
 
 
 def _append(builder: Any, answer: Answer) -> bool:

@@ -31,6 +31,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from numpy.typing import NDArray
 
 from schemas.codec import CodecLimits, encode_success
+from schemas.errors import ErrorCode
 from schemas.messages import InferenceResult, Timing, now_ms
 from schemas.tensors import Datatype
 from schemas.topics import TopicNames
@@ -50,6 +51,8 @@ POLL_TIMEOUT_MS = 100
 BATCHES_AHEAD = 2
 """Batches handed to the runner at once: one running and one queued behind it, so the model
 does not wait on the event loop between batches."""
+WRITE_GROUP_BYTES = 16 * 1024 * 1024
+"""Coalesce queued answers into one write up to this many bytes of results."""
 RESUME_FRACTION = 0.75
 """Paused intake resumes once in-flight requests fall to this fraction of the bound."""
 
@@ -132,6 +135,9 @@ class Worker:
             auto_offset_reset="earliest",
             max_poll_records=s.fetch_max_records,
             session_timeout_ms=s.session_timeout_ms,
+            # Revocation finishes in-flight work (up to the shutdown bound) before it returns;
+            # the group must wait for that rather than drop this member from the rebalance.
+            rebalance_timeout_ms=int(s.shutdown_timeout_s * 1000) + 10_000,
             heartbeat_interval_ms=max(s.session_timeout_ms // 4, 100),
             # Small fetches: the broker still returns a larger first batch whole (KIP-74), and
             # huge responses cost more in fresh-buffer page faults than they save in trips.
@@ -222,7 +228,8 @@ class Worker:
                     await asyncio.wait_for(self._progress.wait(), 0.1)
         finally:
             self._flush_requests -= 1
-        await self._commit()
+        with contextlib.suppress(TimeoutError):  # a commit that cannot finish is left undone
+            await asyncio.wait_for(self._commit(), max(deadline - time.monotonic(), 5.0))
         left = pending()
         if left:
             self._log.warning("unfinished_at_deadline", requests=left, timeout_s=timeout_s)
@@ -281,7 +288,7 @@ class Worker:
         if admitted:
             answers.extend(await self._answer_redeliveries(admitted))
         if answers:
-            self._answers.put_nowait(answers)
+            await self._answers.put(answers)
 
     async def _answer_redeliveries(self, admitted: list[PendingRequest]) -> list[Answer]:
         """Queue the admitted requests, except those already answered (sent from the cache)."""
@@ -353,9 +360,31 @@ class Worker:
         self, batch: Batch[BatchKey, PendingRequest], slots: asyncio.Semaphore
     ) -> None:
         try:
-            self._answers.put_nowait(await self._run(batch))
+            try:
+                answers = await self._run(batch)
+            except Exception as error:
+                # A fault of ours, not of the requests: answer them INTERNAL rather than
+                # leave their offsets uncommitted forever behind a dead task.
+                self._log.exception(
+                    "batch_failed", model=batch.key.model, requests=len(batch.items)
+                )
+                answers = [self._internal_failure(pending, error) for pending in batch.items]
+            await self._answers.put(answers)
         finally:
             slots.release()
+
+    def _internal_failure(self, pending: PendingRequest, error: Exception) -> Answer:
+        result = InferenceResult.failure(
+            request_id=pending.request.id,
+            model=pending.model.name,
+            version=pending.model.version,
+            code=ErrorCode.INTERNAL,
+            message=f"inferq failed while running this request: {type(error).__name__}",
+            worker=self._settings.worker_id,
+        )
+        return self._admission.reply(
+            pending.source, pending.request, pending.content_type, result, Outcome.ERROR
+        )
 
     async def _run(self, batch: Batch[BatchKey, PendingRequest]) -> list[Answer]:
         started_ms = time.time() * 1000
@@ -386,7 +415,9 @@ class Worker:
         output_names = [spec.name for spec in model.config.outputs]
         output_types = [Datatype(spec.datatype) for spec in model.config.outputs]
         for pending, result in zip(live, outcome.outcomes, strict=True):
-            queue_ms = max(started_ms - pending.received_ms, 0.0)
+            # As the contract says: from the producer's created_ms when it has one.
+            queued_since = pending.request.created_ms or pending.received_ms
+            queue_ms = max(started_ms - queued_since, 0.0)
             self._metrics.queue_seconds.labels(model=metric_model).observe(queue_ms / 1000)
             timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=len(live))
             if isinstance(result, RequestFailed):
@@ -431,8 +462,11 @@ class Worker:
         while True:
             group = await self._answers.get()
             # Coalesce what else is waiting into one Redis pipeline and one round of acks.
-            while not self._answers.empty() and len(group) < 4096:
-                group.extend(self._answers.get_nowait())
+            size = sum(len(answer.value) for answer in group)
+            while not self._answers.empty() and len(group) < 4096 and size < WRITE_GROUP_BYTES:
+                more = self._answers.get_nowait()
+                group.extend(more)
+                size += sum(len(answer.value) for answer in more)
             written = await self._writer.write(group)
             self._metrics.answered_many(
                 Counter((answer.model, answer.outcome, answer.code) for answer in written)

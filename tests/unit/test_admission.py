@@ -15,9 +15,14 @@ from schemas.messages import InferenceRequest, ResultStatus
 from schemas.tensors import Tensor
 from schemas.topics import HEADER_ERROR_CODE, HEADER_SOURCE, TopicNames
 from workers.admission import Admission, Answer, PendingRequest, RecordSource
-from workers.example_models import write_example_models
+from workers.example_models import write_example_models, write_model
 from workers.metrics import Outcome
-from workers.models import DirectoryModelRepository
+from workers.models import (
+    DirectoryModelRepository,
+    ModelConfig,
+    TensorSpec,
+    torchscript_deprecation_silenced,
+)
 
 TOPICS = TopicNames(prefix="unit")
 
@@ -144,3 +149,31 @@ def test_reply_to_addresses_the_result(admission: Admission, tmp_path: Path) -> 
     answer = admit(admission, encode_request(request(model="nope", reply_to="my.replies")))
     assert isinstance(answer, Answer)
     assert answer.topic == "my.replies"
+
+
+class Doubler(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_scalar_after_an_accepted_batch_of_scalars_is_answered_not_crashed(
+    tmp_path: Path,
+) -> None:
+    """A per-row scalar input: `[N]` and `[]` share a batch key, but only `[N]` has rows."""
+    with torchscript_deprecation_silenced():
+        module = torch.jit.script(Doubler())
+    spec = TensorSpec(name="input", datatype="FP32", shape=())
+    output = spec.model_copy(update={"name": "y"})
+    config = ModelConfig(inputs=[spec], outputs=[output])
+    write_model(root=tmp_path, name="mlp", version=1, module=module, config=config)
+    repository = DirectoryModelRepository(root=tmp_path, device=torch.device("cpu"))
+    repository.load()
+    fresh = Admission(repository=repository, topics=TOPICS, limits=CodecLimits(), worker_id="w")
+    rows = Tensor.from_numpy("input", np.ones(3, dtype=np.float32))
+    assert isinstance(admit(fresh, encode_request(request(inputs=(rows,)))), PendingRequest)
+    scalar = Tensor.from_numpy("input", np.array(1.0, dtype=np.float32))
+    answer = admit(fresh, encode_request(request(id="r2", inputs=(scalar,))))
+    assert isinstance(answer, Answer)
+    result = decode_result(answer.value)
+    assert result.error is not None
+    assert result.error.code is ErrorCode.SHAPE_MISMATCH
