@@ -26,7 +26,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 from aiokafka.partitioner import DefaultPartitioner
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from schemas.codec import content_type_of, encode_result
 from schemas.errors import ErrorCode
@@ -129,6 +129,12 @@ class ResultWriter:
                     keys=keys, args=[self._ttl_s, *values]
                 )
                 break
+            except ResponseError as error:
+                # Redis refused the command itself (a key of another type, keys in several
+                # cluster slots): retrying the group cannot help, so go key by key.
+                log.warning("redis_script_refused", error=repr(error), answers=len(cached))
+                earlier = await self._set_each(keys, values)
+                break
             except (RedisError, OSError) as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_write_failed", error=repr(error), answers=len(cached))
@@ -146,6 +152,30 @@ class ResultWriter:
             else answer
             for answer in answers
         ]
+
+    async def _set_each(self, keys: Sequence[str], values: Sequence[bytes]) -> list[bytes | None]:
+        """First-result-wins per key; a key Redis refuses is logged and left uncached."""
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, value in zip(keys, values, strict=True):
+                        pipe.set(key, value, ex=self._ttl_s, nx=True, get=True)
+                    replies = await pipe.execute(raise_on_error=False)
+                break
+            except (RedisError, OSError) as error:
+                if isinstance(error, ResponseError):
+                    raise
+                self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
+                await backoff.sleep()
+        earlier: list[bytes | None] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.error("redis_key_refused", key=key, error=repr(reply))
+                earlier.append(None)
+            else:
+                earlier.append(reply)
+        return earlier
 
     async def _write_kafka(self, answers: Sequence[Answer]) -> list[Answer]:
         """Send until acknowledged; returns the answers that reached Kafka (or gave up)."""

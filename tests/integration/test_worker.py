@@ -378,3 +378,20 @@ async def test_a_stalled_redis_delays_answers_but_loses_none(
     assert len(results) == len(requests)
     assert all(result.ok for result in results.values())
     assert retries, "the stalled Redis made the writer retry"
+
+
+async def test_a_key_redis_refuses_does_not_stall_the_others(
+    deployment: Deployment, redis_client: aioredis.Redis
+) -> None:
+    topics = TopicNames(prefix=deployment.prefix)
+    requests = random_requests(model="mlp", count=20, input_name="input", row_shape=[784])
+    blocked = requests[7].id
+    await redis_client.rpush(topics.result_key(blocked), b"not a string")  # WRONGTYPE for SET
+    async with running_worker(deployment) as running, deployment.client() as client:
+        await wait_until_ready(running)
+        await publish(client, requests)
+        records = await read_topic(deployment.bootstrap, topics.results("mlp"), expected=20)
+        cached = await client.results([r.id for r in requests if r.id != blocked], timeout_s=30)
+    assert sorted(record.key.decode() for record in records) == sorted(r.id for r in requests)
+    assert len(cached) == 19
+    assert await redis_client.type(topics.result_key(blocked)) == b"list"
