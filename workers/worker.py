@@ -51,6 +51,10 @@ POLL_TIMEOUT_MS = 100
 BATCHES_AHEAD = 2
 """Batches handed to the runner at once: one running and one queued behind it, so the model
 does not wait on the event loop between batches."""
+CLOSE_RESERVE_S = 5.0
+"""Part of the shutdown bound kept for committing and leaving the group."""
+CLOSE_MIN_S = 1.0
+"""Least time given to each client's close, even past the bound."""
 WRITE_GROUP_BYTES = 16 * 1024 * 1024
 """Coalesce queued answers into one write up to this many bytes of results."""
 RESUME_FRACTION = 0.75
@@ -161,6 +165,7 @@ class Worker:
             max_backoff_s=s.write_retry_max_backoff_s,
         )
         tasks: list[asyncio.Task[None]] = []
+        deadline: float | None = None
         try:
             if s.create_topics:
                 await ensure_topics(
@@ -189,12 +194,16 @@ class Worker:
                 if task is not stopping and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
             self._log.info("worker_stopping", in_flight=self._tracker.in_flight)
+            # One deadline for the whole shutdown, leaving time to leave the group cleanly.
+            deadline = time.monotonic() + s.shutdown_timeout_s
             # Let intake finish the poll it is in, so nothing it took is left half-admitted.
             self._intake_open = False
             # On time-out wait_for cancels it; what it had tracked is simply not committed.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(intake, s.shutdown_timeout_s / 4)
-            await self._finish_in_flight(timeout_s=s.shutdown_timeout_s)
+            await self._finish_in_flight(
+                timeout_s=max(deadline - time.monotonic() - CLOSE_RESERVE_S, 1.0)
+            )
         finally:
             self._ready = False
             self._closing = True
@@ -203,8 +212,9 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
             # Leaving the group (consumer.stop) hands our partitions to the others at once.
             for closing in (consumer.stop(), producer.stop(), redis.aclose()):
+                left_s = CLOSE_RESERVE_S if deadline is None else deadline - time.monotonic()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(closing, 10)
+                    await asyncio.wait_for(closing, max(left_s, CLOSE_MIN_S))
             self._log.info("worker_stopped")
 
     async def _finish_in_flight(
@@ -229,7 +239,7 @@ class Worker:
         finally:
             self._flush_requests -= 1
         with contextlib.suppress(TimeoutError):  # a commit that cannot finish is left undone
-            await asyncio.wait_for(self._commit(), max(deadline - time.monotonic(), 5.0))
+            await asyncio.wait_for(self._commit(), max(deadline - time.monotonic(), 2.0))
         left = pending()
         if left:
             self._log.warning("unfinished_at_deadline", requests=left, timeout_s=timeout_s)
