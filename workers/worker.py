@@ -204,6 +204,9 @@ class Worker:
             await self._finish_in_flight(
                 timeout_s=max(deadline - time.monotonic() - CLOSE_RESERVE_S, 1.0)
             )
+            for task in tasks:  # a task that died while we drained fails the process
+                if task.done() and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
         finally:
             self._ready = False
             self._closing = True
