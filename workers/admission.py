@@ -9,14 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import structlog
 import torch
+from numpy.typing import NDArray
 
-from schemas.codec import CodecLimits, ContentType, content_type_of, decode_request, encode_result
+from schemas.codec import (
+    CodecLimits,
+    ContentType,
+    content_type_of,
+    decode_request,
+    encode_result,
+    encode_success,
+)
 from schemas.errors import ErrorCode, SchemaError
-from schemas.messages import InferenceRequest, InferenceResult, Timing
-from schemas.tensors import Tensor
+from schemas.messages import InferenceRequest, InferenceResult, Timing, now_ms
+from schemas.tensors import Datatype, Tensor
 from schemas.topics import (
     HEADER_CONTENT_TYPE,
     HEADER_ERROR_CODE,
@@ -27,6 +37,7 @@ from schemas.topics import (
 from workers.errors import WorkerError
 from workers.metrics import Outcome
 from workers.models import InputSignature, LoadedModel, ModelRepository
+from workers.runner import RequestFailed, RequestOutcome
 
 Headers = Sequence[tuple[str, bytes]]
 log = structlog.get_logger(__name__)
@@ -238,6 +249,38 @@ class Admission:
             cache_key=self.topics.result_key(request.id),
         )
 
+    def outcome(self, pending: PendingRequest, result: RequestOutcome, timing: Timing) -> Answer:
+        """The answer of a request that ran: its outputs, or the error the runner gave it."""
+        model = pending.model
+        if isinstance(result, RequestFailed):
+            failure = InferenceResult.failure(
+                request_id=pending.request.id,
+                model=model.name,
+                version=model.version,
+                code=result.error.code,
+                message=result.error.message,
+                worker=self.worker_id,
+                timing=timing,
+            )
+            return self.reply(
+                pending.source, pending.request, pending.content_type, failure, Outcome.ERROR
+            )
+        outputs = []
+        for spec, tensor in zip(model.config.outputs, result.outputs, strict=True):
+            datatype = Datatype(spec.datatype)
+            outputs.append((spec.name, datatype, _wire_array(tensor, datatype)))
+        value = encode_success(
+            request_id=pending.request.id,
+            model=model.name,
+            version=model.version,
+            outputs=outputs,
+            timing=timing,
+            worker=self.worker_id,
+            created_ms=now_ms(),
+            content_type=pending.content_type,
+        )
+        return self.answer(pending, value)
+
     def answer(self, pending: PendingRequest, value: bytes) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""
         return Answer(
@@ -335,3 +378,11 @@ def _content_type_or_default(headers: Headers) -> ContentType:
         return content_type_of(headers)
     except SchemaError:
         return ContentType.MSGPACK
+
+
+def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
+    """A CPU output tensor as the array the wire carries (BF16 as its raw uint16 bits)."""
+    if datatype is Datatype.BF16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    array: NDArray[Any] = tensor.numpy()
+    return array

@@ -20,20 +20,15 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
-import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from numpy.typing import NDArray
 
-from schemas.codec import CodecLimits, encode_success
+from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
-from schemas.messages import InferenceResult, Timing, now_ms
-from schemas.tensors import Datatype
+from schemas.messages import InferenceResult, Timing
 from schemas.topics import TopicNames
 from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
 from workers.batcher import Batch, Batcher, BatchPolicy
@@ -41,7 +36,7 @@ from workers.metrics import Outcome, WorkerMetrics
 from workers.models import ModelRepository
 from workers.offsets import OffsetTracker, OffsetTrackingError
 from workers.results import ResultWriter
-from workers.runner import ModelRunner, RequestFailed
+from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.topics import ensure_topics
 
@@ -425,47 +420,14 @@ class Worker:
         metric_model = model.name
         self._metrics.batch_size.labels(model=metric_model).observe(len(live))
         self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
-        output_names = [spec.name for spec in model.config.outputs]
-        output_types = [Datatype(spec.datatype) for spec in model.config.outputs]
+        queue_seconds = self._metrics.queue_seconds.labels(model=metric_model)
         for pending, result in zip(live, outcome.outcomes, strict=True):
             # As the contract says: from the producer's created_ms when it has one.
             queued_since = pending.request.created_ms or pending.received_ms
             queue_ms = max(started_ms - queued_since, 0.0)
-            self._metrics.queue_seconds.labels(model=metric_model).observe(queue_ms / 1000)
+            queue_seconds.observe(queue_ms / 1000)
             timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=len(live))
-            if isinstance(result, RequestFailed):
-                answer_result = InferenceResult.failure(
-                    request_id=pending.request.id,
-                    model=model.name,
-                    version=model.version,
-                    code=result.error.code,
-                    message=result.error.message,
-                    worker=self._settings.worker_id,
-                    timing=timing,
-                )
-                answers.append(
-                    self._admission.reply(
-                        pending.source, pending.request, pending.content_type, answer_result,
-                        Outcome.ERROR,
-                    )
-                )  # fmt: skip
-                continue
-            value = encode_success(
-                request_id=pending.request.id,
-                model=model.name,
-                version=model.version,
-                outputs=[
-                    (name, datatype, _wire_array(tensor, datatype))
-                    for name, datatype, tensor in zip(
-                        output_names, output_types, result.outputs, strict=True
-                    )
-                ],
-                timing=timing,
-                worker=self._settings.worker_id,
-                created_ms=now_ms(),
-                content_type=pending.content_type,
-            )
-            answers.append(self._admission.answer(pending, value))
+            answers.append(self._admission.outcome(pending, result, timing))
         return answers
 
     # --- writing and committing -----------------------------------------------------------
@@ -537,11 +499,3 @@ class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
         log.info("partitions_assigned", partitions=names)
-
-
-def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
-    """A CPU output tensor as the array the wire carries (BF16 as its raw uint16 bits)."""
-    if datatype is Datatype.BF16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    array: NDArray[Any] = tensor.numpy()
-    return array
