@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +49,8 @@ POLL_MAX_RECORDS = 1024
 TOPIC_SETTLE_S = 1.0
 RESULT_TTL_S = 600
 REDIS_KEY_PREFIX = "bench:transport:"
-PREPUBLISH_BATCHES_AHEAD = 8
-"""1 MiB batches `prepublish` lets wait for acks (twice this at most): bounds its memory."""
+PREPUBLISH_CHUNK = 8192
+"""Records packed per step of `prepublish`; two steps are in flight at most."""
 
 Unit = Literal["samples/s", "records/s"]
 
@@ -222,7 +222,7 @@ async def transport_limit(
                     keys=[REDIS_KEY_PREFIX + _text(key) for key in keys],
                     args=[RESULT_TTL_S, *([payload] * len(keys))],
                 )
-            acks = await _send_batched(producer, result_topic, keys, payload)
+            acks = await _send_batched(producer, result_topic, [(k, payload) for k in keys])
             offsets = {tp: records[-1].offset + 1 for tp, records in polled.items()}
             # One poll's records in flight while the next is read, as the worker overlaps them.
             if in_flight is not None:
@@ -257,21 +257,30 @@ async def transport_limit(
 
 
 async def _send_batched(
-    producer: AIOKafkaProducer, topic: str, keys: Sequence[bytes | None], payload: bytes
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> list[asyncio.Future[Any]]:
-    """Send one record per key in per-partition batches (murmur2 partitions); their acks."""
+    """Send (key, value) records in per-partition batches; the futures of their acks.
+
+    Each record goes to the partition the default partitioner picks for its key (murmur2),
+    so it lands where `send` would put it, but it is packed into a batch here and handed over
+    with `send_batch`: up to twice the rate of one `send` per record, which costs a future
+    and a coroutine each.
+    """
     partitions = sorted(await producer.partitions_for(topic))
     builders: dict[int, Any] = {}
     acks: list[asyncio.Future[Any]] = []
-    for key in keys:
+    for key, value in records:
         partition = partitions[(murmur2(key or b"") & 0x7FFFFFFF) % len(partitions)]
         builder = builders.get(partition)
         if builder is None:
             builder = builders[partition] = producer.create_batch()
-        if builder.append(key=key, value=payload, timestamp=None) is None:
+        if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
             acks.append(await producer.send_batch(builder, topic, partition=partition))
             builder = builders[partition] = producer.create_batch()
-            builder.append(key=key, value=payload, timestamp=None)
+            builder.append(key=key, value=value, timestamp=None, headers=headers)
     for partition, builder in builders.items():
         acks.append(await producer.send_batch(builder, topic, partition=partition))
     return acks
@@ -291,11 +300,8 @@ async def prepublish(
 ) -> float:
     """Publish pre-encoded records (value i under key i, the same headers on each); records/s.
 
-    One idempotent producer (acks all, 20 ms linger, 1 MiB batches). Each record goes to the
-    partition the default partitioner picks for its key, but is packed into a batch here and
-    handed over with `send_batch`: up to twice the rate of one `send` per record, as it skips
-    a future and a coroutine per record. At most twice `PREPUBLISH_BATCHES_AHEAD` batches wait
-    unacknowledged, so memory stays bounded.
+    One idempotent producer (acks all, 20 ms linger, 1 MiB batches), records packed into
+    per-partition batches by `_send_batched`, `PREPUBLISH_CHUNK` records at a time.
     """
     if len(values) != len(keys):
         raise ValueError(f"{len(values)} values but {len(keys)} keys")
@@ -309,27 +315,18 @@ async def prepublish(
     )
     await producer.start()
     try:
-        partitions = sorted(await producer.partitions_for(topic))
         start = time.perf_counter()
-        builders: dict[int, Any] = {}
-        pending: list[asyncio.Future[Any]] = []
-        for value, key in zip(values, keys, strict=True):
-            # The default partitioner's choice, so a key lands where `send` would put it.
-            partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                pending.append(await producer.send_batch(builder, topic, partition=partition))
-                builder = builders[partition] = producer.create_batch()
-                if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
-                if len(pending) >= 2 * PREPUBLISH_BATCHES_AHEAD:
-                    await asyncio.gather(*pending[:PREPUBLISH_BATCHES_AHEAD])
-                    del pending[:PREPUBLISH_BATCHES_AHEAD]
-        for partition, builder in builders.items():
-            pending.append(await producer.send_batch(builder, topic, partition=partition))
-        await asyncio.gather(*pending)
+        # Two chunks in flight at most: the next is packed while the last is acknowledged,
+        # and memory stays bounded however many records there are.
+        in_flight: list[asyncio.Future[Any]] = []
+        for begin in range(0, len(values), PREPUBLISH_CHUNK):
+            end = begin + PREPUBLISH_CHUNK
+            acks = await _send_batched(
+                producer, topic, zip(keys[begin:end], values[begin:end], strict=True), headers
+            )
+            await asyncio.gather(*in_flight)
+            in_flight = acks
+        await asyncio.gather(*in_flight)
         elapsed = time.perf_counter() - start
     finally:
         await producer.stop()

@@ -178,19 +178,8 @@ class Admission:
             tensors = {tensor.name: tensor.to_torch() for tensor in request.inputs}
             rows = self._rows(model, signature, request.inputs, tensors)
         except WorkerError as error:
-            return self.reply(
-                source,
-                request,
-                content_type,
-                InferenceResult.failure(
-                    request_id=request.id,
-                    model=request.model,
-                    version=request.version,
-                    code=error.code,
-                    message=error.message,
-                    worker=self.worker_id,
-                ),
-                Outcome.ERROR,
+            return self.failed(
+                source, request, content_type, request.version, error.code, error.message
             )
         if request.deadline_ms is not None and request.deadline_ms <= received_ms:
             return self.expired(source, request, content_type, version=model.version)
@@ -253,18 +242,10 @@ class Admission:
         """The answer of a request that ran: its outputs, or the error the runner gave it."""
         model = pending.model
         if isinstance(result, RequestFailed):
-            failure = InferenceResult.failure(
-                request_id=pending.request.id,
-                model=model.name,
-                version=model.version,
-                code=result.error.code,
-                message=result.error.message,
-                worker=self.worker_id,
-                timing=timing,
-            )
-            return self.reply(
-                pending.source, pending.request, pending.content_type, failure, Outcome.ERROR
-            )
+            return self.failed(
+                pending.source, pending.request, pending.content_type, model.version,
+                result.error.code, result.error.message, timing=timing,
+            )  # fmt: skip
         outputs = []
         for spec, tensor in zip(model.config.outputs, result.outputs, strict=True):
             datatype = Datatype(spec.datatype)
@@ -280,6 +261,29 @@ class Admission:
             content_type=pending.content_type,
         )
         return self.answer(pending, value)
+
+    def failed(
+        self,
+        source: RecordSource,
+        request: InferenceRequest,
+        content_type: ContentType,
+        version: int | None,
+        code: ErrorCode,
+        message: str,
+        *,
+        timing: Timing | None = None,
+    ) -> Answer:
+        """The error answer of a request that was read: its code and message."""
+        result = InferenceResult.failure(
+            request_id=request.id,
+            model=request.model,
+            version=version,
+            code=code,
+            message=message,
+            worker=self.worker_id,
+            timing=timing,
+        )
+        return self.reply(source, request, content_type, result, Outcome.ERROR)
 
     def answer(self, pending: PendingRequest, value: bytes) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""

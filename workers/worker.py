@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 import structlog
@@ -28,7 +28,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
-from schemas.messages import InferenceResult, Timing
+from schemas.messages import Timing
 from schemas.topics import TopicNames
 from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
 from workers.batcher import Batch, Batcher, BatchPolicy
@@ -376,23 +376,17 @@ class Worker:
                 self._log.exception(
                     "batch_failed", model=batch.key.model, requests=len(batch.items)
                 )
-                answers = [self._internal_failure(pending, error) for pending in batch.items]
+                message = f"inferq failed while running this request: {type(error).__name__}"
+                answers = [
+                    self._admission.failed(
+                        p.source, p.request, p.content_type, p.model.version,
+                        ErrorCode.INTERNAL, message,
+                    )
+                    for p in batch.items
+                ]  # fmt: skip
             await self._answers.put(answers)
         finally:
             slots.release()
-
-    def _internal_failure(self, pending: PendingRequest, error: Exception) -> Answer:
-        result = InferenceResult.failure(
-            request_id=pending.request.id,
-            model=pending.model.name,
-            version=pending.model.version,
-            code=ErrorCode.INTERNAL,
-            message=f"inferq failed while running this request: {type(error).__name__}",
-            worker=self._settings.worker_id,
-        )
-        return self._admission.reply(
-            pending.source, pending.request, pending.content_type, result, Outcome.ERROR
-        )
 
     async def _run(self, batch: Batch[BatchKey, PendingRequest]) -> list[Answer]:
         started_ms = time.time() * 1000
@@ -458,13 +452,11 @@ class Worker:
             await asyncio.sleep(interval_s)
             await self._commit()
 
-    async def _commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+    async def _commit(self) -> None:
         consumer = self._consumer
         if consumer is None:
             return
         offsets = self._tracker.committable()
-        if partitions is not None:
-            offsets = {tp: offset for tp, offset in offsets.items() if tp in partitions}
         if not offsets:
             return
         try:

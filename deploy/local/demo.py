@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +39,21 @@ console = Console(stderr=True)
 DEMO_HTTP_PORT = 9400
 
 
-def check_against_model(
-    model_file: Path, requests: list[InferenceRequest], results: dict[str, InferenceResult]
-) -> int:
-    """How many ok results differ from running the TorchScript model directly."""
+def model_outputs(model_file: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
+    """The TorchScript model run directly on every request's (first) input, in order."""
     with torchscript_deprecation_silenced():
         module = torch.jit.load(str(model_file), map_location="cpu").eval()
     inputs = torch.cat([torch.from_numpy(r.inputs[0].to_numpy().copy()) for r in requests])
     with torch.inference_mode():
-        expected = module(inputs).numpy()
+        outputs: np.ndarray = module(inputs).numpy()
+    return outputs
+
+
+def check_against_model(
+    model_file: Path, requests: list[InferenceRequest], results: dict[str, InferenceResult]
+) -> int:
+    """How many ok results differ from running the TorchScript model directly."""
+    expected = model_outputs(model_file, requests)
     mismatches = 0
     for row, request in enumerate(requests):
         result = results[request.id]

@@ -18,12 +18,13 @@ import torch
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
+from deploy.local.demo import model_outputs
 from producers.client import InferenceClient
 from producers.settings import ProducerSettings
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.settings import KafkaSettings, RedisSettings
 from workers.metrics import WorkerMetrics
-from workers.models import DirectoryModelRepository, torchscript_deprecation_silenced
+from workers.models import DirectoryModelRepository
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -149,20 +150,10 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int
         raise
 
 
-def expected_outputs(model_file: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
-    """The model run directly on every request's input, in order."""
-    with torchscript_deprecation_silenced():
-        module = torch.jit.load(str(model_file), map_location="cpu").eval()
-    inputs = torch.cat([torch.from_numpy(r.inputs[0].to_numpy().copy()) for r in requests])
-    with torch.inference_mode():
-        result: np.ndarray = module(inputs).numpy()
-    return result
-
-
 def assert_outputs_match(
     model_file: Path, requests: Sequence[InferenceRequest], results: dict[str, InferenceResult]
 ) -> None:
-    expected = expected_outputs(model_file, requests)
+    expected = model_outputs(model_file, requests)
     for row, request in enumerate(requests):
         result = results[request.id]
         assert result.ok, f"{request.id}: {result.error}"
