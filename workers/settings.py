@@ -57,6 +57,23 @@ class WorkerSettings(BaseSettings):
     session_timeout_ms: int = Field(
         default=10_000, ge=1000, description="Consumer group session timeout."
     )
+    static_membership: bool = Field(
+        default=True,
+        description="Supervised children join the group as static members (KIP-345).",
+    )
+    group_instance_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Static member id; None: dynamic membership (the CLI sets one per child).",
+    )
+    reply_topic_prefixes: str = Field(
+        default="",
+        description="Comma-separated prefixes a reply_to topic must start with; "
+        "empty: {prefix}.replies.",
+    )
+    readiness_interval_s: float = Field(
+        default=2.0, gt=0, description="How often Kafka and Redis are probed for /readyz."
+    )
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest request record accepted."
     )
@@ -74,6 +91,12 @@ class WorkerSettings(BaseSettings):
     log_json: bool | None = Field(
         default=None, description="JSON logs; default: JSON unless stderr is a terminal."
     )
+
+    @property
+    def reply_topic_prefix_list(self) -> list[str]:
+        """The prefixes a request's ``reply_to`` may start with."""
+        prefixes = [p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()]
+        return prefixes or [f"{self.kafka.topic_prefix}.replies."]
 
     @property
     def served_model_names(self) -> list[str] | None:

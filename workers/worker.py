@@ -32,6 +32,7 @@ from schemas.messages import Timing
 from schemas.topics import TopicNames
 from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
 from workers.batcher import Batch, Batcher, BatchPolicy
+from workers.membership import group_instance_id, leave_group
 from workers.metrics import Outcome, WorkerMetrics
 from workers.models import ModelRepository
 from workers.offsets import OffsetTracker, OffsetTrackingError
@@ -130,6 +131,7 @@ class Worker:
             bootstrap_servers=s.kafka.bootstrap_servers,
             client_id=f"{s.kafka.client_id}-{s.worker_id}",
             group_id=s.group_id,
+            group_instance_id=group_instance_id(s),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=s.fetch_max_records,
@@ -209,7 +211,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             # Leaving the group (consumer.stop) hands our partitions to the others at once.
-            for closing in (consumer.stop(), producer.stop(), redis.aclose()):
+            for closing in (leave_group(consumer), producer.stop(), redis.aclose()):
                 left_s = CLOSE_RESERVE_S if deadline is None else deadline - time.monotonic()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(closing, max(left_s, CLOSE_MIN_S))
