@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     """An input's datatype differs from the model's signature."""
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     """`deadline_ms` had passed before the model ran; the result status is `expired`."""
+    DUPLICATE_ID = "DUPLICATE_ID"
+    """The request id was already used by a request with other inputs; nothing ran."""
     INFERENCE_ERROR = "INFERENCE_ERROR"
     """The model raised while running this request, alone as well as in its batch."""
     INTERNAL = "INTERNAL"

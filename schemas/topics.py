@@ -17,6 +17,14 @@ HEADER_ERROR_MESSAGE: Final = "inferq-error-message"
 """Dead-letter header: the human-readable reason, naming the field at fault."""
 HEADER_SOURCE: Final = "inferq-source"
 """Dead-letter header: where the record was read, as `topic/partition/offset`."""
+HEADER_ORIGINAL_SIZE: Final = "inferq-original-size"
+"""Dead-letter header, when the value was too large to keep: its length in bytes (decimal)."""
+HEADER_ORIGINAL_SHA256: Final = "inferq-original-sha256"
+"""Dead-letter header, when the value was too large to keep: its SHA-256 (hex)."""
+HEADERS_DROPPED: Final = "inferq-headers-dropped"
+"""Dead-letter header, when even the original headers were too large to keep: their count."""
+INTERNAL_TOPIC_PREFIX: Final = "__"
+"""Kafka's own topics (`__consumer_offsets`, `__transaction_state`) start with this."""
 
 MAX_TOPIC_LENGTH: Final = 249
 """Kafka's own limit on a topic name's length."""
@@ -64,6 +72,26 @@ class TopicNames:
         if not request_id:
             raise ValueError("request_id: must not be empty")
         return f"{self.prefix}:result:{request_id}"
+
+    def digest_key(self, request_id: str) -> str:
+        """The Redis key holding the digest of the request whose result is cached for `request_id`.
+
+        It binds the id to that request: another request with the same id but other inputs is
+        answered `DUPLICATE_ID`, never with this result.
+        """
+        if not request_id:
+            raise ValueError("request_id: must not be empty")
+        return f"{self.prefix}:digest:{request_id}"
+
+    def is_reserved(self, topic: str) -> bool:
+        """Whether `topic` is one no result may be sent to by request: a request, result or
+        dead-letter topic of this prefix, or one of Kafka's internal topics."""
+        return (
+            topic.startswith(INTERNAL_TOPIC_PREFIX)
+            or topic == self.dead_letters
+            or topic.startswith(self.prefix + _REQUESTS)
+            or topic.startswith(self.prefix + _RESULTS)
+        )
 
     def model_of_request_topic(self, topic: str) -> str | None:
         """The model a request topic of this prefix serves; None for any other topic."""

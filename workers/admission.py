@@ -2,7 +2,7 @@
 
 Pure logic over the codec and the model repository: no Kafka, no Redis, no clock reads.
 Every bad input ends here as an error result (or a dead letter when it has no readable id),
-so the partition keeps flowing.
+so the partition keeps flowing. Answers themselves are built by `workers.answers.Answers`.
 """
 
 from __future__ import annotations
@@ -21,41 +21,23 @@ from schemas.codec import (
     ContentType,
     content_type_of,
     decode_request,
-    encode_result,
     encode_success,
 )
 from schemas.errors import ErrorCode, SchemaError
-from schemas.messages import InferenceRequest, InferenceResult, Timing, now_ms
+from schemas.messages import InferenceRequest, Timing, now_ms
 from schemas.tensors import Datatype, Tensor
-from schemas.topics import (
-    HEADER_CONTENT_TYPE,
-    HEADER_ERROR_CODE,
-    HEADER_ERROR_MESSAGE,
-    HEADER_SOURCE,
-    TopicNames,
-)
+from schemas.topics import TopicNames
+from workers.answers import Addressee, Answers
 from workers.errors import WorkerError
-from workers.metrics import Outcome
+from workers.fingerprint import record_digest, request_digest
 from workers.models import InputSignature, LoadedModel, ModelRepository
+from workers.records import Answer, RecordSource
 from workers.runner import RequestFailed, RequestOutcome
 
 Headers = Sequence[tuple[str, bytes]]
 log = structlog.get_logger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class RecordSource:
-    """Where a request came from: its partition (a ``TopicPartition``) and offset."""
-
-    partition: object
-    offset: int
-
-    @property
-    def topic(self) -> str:
-        return str(getattr(self.partition, "topic", ""))
-
-    def __str__(self) -> str:
-        return f"{self.topic}/{getattr(self.partition, 'partition', '?')}/{self.offset}"
+__all__ = ["Admission", "Answer", "BatchKey", "PendingRequest", "RecordSource", "batch_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +55,7 @@ class PendingRequest:
     """A valid request waiting in the batcher."""
 
     request: InferenceRequest
-    source: RecordSource
-    content_type: ContentType
+    to: Addressee
     model: LoadedModel
     tensors: dict[str, torch.Tensor]
     rows: int
@@ -82,8 +63,12 @@ class PendingRequest:
     """Monotonic seconds at receipt (the batcher's clock)."""
     received_ms: int
     """Unix milliseconds at receipt (for the result's queue time)."""
-    result_topic: str
     key: BatchKey
+
+    @property
+    def source(self) -> RecordSource:
+        """Where the request was read."""
+        return self.to.source
 
 
 def batch_key(model: LoadedModel, inputs: Sequence[Tensor]) -> BatchKey:
@@ -92,32 +77,21 @@ def batch_key(model: LoadedModel, inputs: Sequence[Tensor]) -> BatchKey:
     return BatchKey(model.name, model.version, signature)
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One record to write: a result (also cached in Redis) or a dead letter (Kafka only)."""
-
-    source: RecordSource
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-    model: str
-    outcome: Outcome
-    code: str = ""
-    cache_key: str | None = None
-    """Redis key of the result; None for dead letters."""
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Admission:
     """Turns consumed records into pending requests or immediate answers."""
 
     repository: ModelRepository
-    topics: TopicNames
+    answers: Answers
     limits: CodecLimits
-    worker_id: str
+    reply_topic_prefixes: Sequence[str]
+    """A request's `reply_to` must start with one of these (and name no reserved topic)."""
     accepted: set[BatchKey] = field(default_factory=set)
     """Signatures that passed the model's checks once: later requests skip them."""
+
+    @property
+    def topics(self) -> TopicNames:
+        return self.answers.topics
 
     def admit(
         self,
@@ -142,7 +116,9 @@ class Admission:
         except Exception as error:
             log.exception("admission_failed", source=str(source))
             message = f"inferq failed to admit this record: {type(error).__name__}: {error}"
-            return self.dead_letter(source, key, value, headers, ErrorCode.INTERNAL, message)
+            return self.answers.dead_letter(
+                source, key, value, headers, ErrorCode.INTERNAL, message
+            )
 
     def _admit(
         self,
@@ -160,41 +136,72 @@ class Admission:
             request = decode_request(value or b"", content_type, limits=self.limits)
         except SchemaError as error:
             if error.request_id is None:
-                return self.dead_letter(source, key, value, headers, error.code, error.message)
-            return self._failure(
-                source=source,
-                request_id=error.request_id,
-                model=error.model or topic_model,
-                reply_to=error.reply_to,
-                content_type=_content_type_or_default(headers),
-                code=error.code,
-                message=error.message,
-                topic_model=topic_model,
-            )
-        result_topic = request.reply_to or self.topics.results(topic_model)
+                return self.answers.dead_letter(
+                    source, key, value, headers, error.code, error.message
+                )
+            to, refusal = self._addressee(
+                source, error.request_id, error.model or topic_model, error.reply_to,
+                _content_type_or_default(headers), record_digest(value or b""), topic_model,
+            )  # fmt: skip
+            return self.answers.failed(to, error.code, refusal or error.message)
+        to, refusal = self._addressee(
+            source, request.id, request.model, request.reply_to, content_type,
+            request_digest(request), topic_model,
+        )  # fmt: skip
+        if refusal is not None:
+            return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
         try:
             model = self.repository.get(request.model, request.version)
             signature = batch_key(model, request.inputs)
             tensors = {tensor.name: tensor.to_torch() for tensor in request.inputs}
             rows = self._rows(model, signature, request.inputs, tensors)
         except WorkerError as error:
-            return self.failed(
-                source, request, content_type, request.version, error.code, error.message
-            )
+            return self.answers.failed(to, error.code, error.message, version=request.version)
         if request.deadline_ms is not None and request.deadline_ms <= received_ms:
-            return self.expired(source, request, content_type, version=model.version)
+            return self.answers.expired(to, deadline_ms=request.deadline_ms, version=model.version)
         return PendingRequest(
             request=request,
-            source=source,
-            content_type=content_type,
+            to=to,
             model=model,
             tensors=tensors,
             rows=rows,
             received_at=received_at,
             received_ms=received_ms,
-            result_topic=result_topic,
             key=signature,
         )
+
+    def _addressee(
+        self,
+        source: RecordSource,
+        request_id: str,
+        model: str,
+        reply_to: str | None,
+        content_type: ContentType,
+        digest: bytes,
+        topic_model: str,
+    ) -> tuple[Addressee, str | None]:
+        """Where the answer goes, and why `reply_to` was refused (None when it was not).
+
+        A refused `reply_to` is answered on the model's results topic: a request must not
+        be able to write into a topic of its choosing.
+        """
+        results = self.topics.results(topic_model)
+        refusal = None if reply_to is None else self._reply_to_refusal(reply_to)
+        if reply_to is None or refusal is not None:
+            return Addressee(source, request_id, model, results, content_type, digest), refusal
+        to = Addressee(source, request_id, model, reply_to, content_type, digest, results)
+        return to, None
+
+    def _reply_to_refusal(self, reply_to: str) -> str | None:
+        if self.topics.is_reserved(reply_to):
+            return (
+                f"reply_to: {reply_to!r} is a request, result, dead-letter or internal "
+                "topic; results are never sent there"
+            )
+        if not any(reply_to.startswith(prefix) for prefix in self.reply_topic_prefixes):
+            allowed = ", ".join(repr(f"{p}<name>") for p in self.reply_topic_prefixes)
+            return f"reply_to: {reply_to!r} is not an allowed reply topic (allowed: {allowed})"
+        return None
 
     def _rows(
         self,
@@ -213,38 +220,13 @@ class Admission:
         self.accepted.add(key)
         return count
 
-    def reply(
-        self,
-        source: RecordSource,
-        request: InferenceRequest,
-        content_type: ContentType,
-        result: InferenceResult,
-        outcome: Outcome,
-    ) -> Answer:
-        """The answer carrying ``result`` for ``request``."""
-        topic = request.reply_to or self.topics.results(
-            self.topics.model_of_request_topic(source.topic) or request.model
-        )
-        code = result.error.code.value if result.error is not None else ""
-        return Answer(
-            source=source,
-            topic=topic,
-            key=request.id.encode(),
-            value=encode_result(result, content_type),
-            headers=((HEADER_CONTENT_TYPE, content_type.value.encode()),),
-            model=request.model,
-            outcome=outcome,
-            code=code,
-            cache_key=self.topics.result_key(request.id),
-        )
-
     def outcome(self, pending: PendingRequest, result: RequestOutcome, timing: Timing) -> Answer:
         """The answer of a request that ran: its outputs, or the error the runner gave it."""
         model = pending.model
         if isinstance(result, RequestFailed):
-            return self.failed(
-                pending.source, pending.request, pending.content_type, model.version,
-                result.error.code, result.error.message, timing=timing,
+            return self.answers.failed(
+                pending.to, result.error.code, result.error.message,
+                version=model.version, timing=timing,
             )  # fmt: skip
         outputs = []
         for spec, tensor in zip(model.config.outputs, result.outputs, strict=True):
@@ -256,125 +238,11 @@ class Admission:
             version=model.version,
             outputs=outputs,
             timing=timing,
-            worker=self.worker_id,
+            worker=self.answers.worker_id,
             created_ms=now_ms(),
-            content_type=pending.content_type,
+            content_type=pending.to.content_type,
         )
-        return self.answer(pending, value)
-
-    def failed(
-        self,
-        source: RecordSource,
-        request: InferenceRequest,
-        content_type: ContentType,
-        version: int | None,
-        code: ErrorCode,
-        message: str,
-        *,
-        timing: Timing | None = None,
-    ) -> Answer:
-        """The error answer of a request that was read: its code and message."""
-        result = InferenceResult.failure(
-            request_id=request.id,
-            model=request.model,
-            version=version,
-            code=code,
-            message=message,
-            worker=self.worker_id,
-            timing=timing,
-        )
-        return self.reply(source, request, content_type, result, Outcome.ERROR)
-
-    def answer(self, pending: PendingRequest, value: bytes) -> Answer:
-        """The ok answer of a request that ran: ``value`` is its encoded result."""
-        return Answer(
-            source=pending.source,
-            topic=pending.result_topic,
-            key=pending.request.id.encode(),
-            value=value,
-            headers=((HEADER_CONTENT_TYPE, pending.content_type.value.encode()),),
-            model=pending.request.model,
-            outcome=Outcome.OK,
-            cache_key=self.topics.result_key(pending.request.id),
-        )
-
-    def expired(
-        self,
-        source: RecordSource,
-        request: InferenceRequest,
-        content_type: ContentType,
-        *,
-        version: int | None,
-        timing: Timing | None = None,
-    ) -> Answer:
-        """The `expired` answer of a request whose deadline passed before it ran."""
-        result = InferenceResult.expired(
-            request_id=request.id,
-            model=request.model,
-            version=version,
-            message=f"deadline_ms {request.deadline_ms} passed before the model ran",
-            worker=self.worker_id,
-            timing=timing,
-        )
-        return self.reply(source, request, content_type, result, Outcome.EXPIRED)
-
-    def dead_letter(
-        self,
-        source: RecordSource,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers,
-        code: ErrorCode,
-        message: str,
-    ) -> Answer:
-        """The original record, with the error in headers, for the dead-letter topic."""
-        error_headers = (
-            (HEADER_ERROR_CODE, code.value.encode()),
-            (HEADER_ERROR_MESSAGE, message.encode()[:4096]),
-            (HEADER_SOURCE, str(source).encode()),
-        )
-        return Answer(
-            source=source,
-            topic=self.topics.dead_letters,
-            key=key,
-            value=value or b"",
-            headers=(*tuple(headers), *error_headers),
-            model=self.topics.model_of_request_topic(source.topic) or "unknown",
-            outcome=Outcome.DEAD_LETTER,
-            code=code.value,
-        )
-
-    def _failure(
-        self,
-        *,
-        source: RecordSource,
-        request_id: str,
-        model: str,
-        reply_to: str | None,
-        content_type: ContentType,
-        code: ErrorCode,
-        message: str,
-        topic_model: str,
-    ) -> Answer:
-        result = InferenceResult.failure(
-            request_id=request_id,
-            model=model,
-            version=None,
-            code=code,
-            message=message,
-            worker=self.worker_id,
-        )
-        return Answer(
-            source=source,
-            topic=reply_to or self.topics.results(topic_model),
-            key=request_id.encode(),
-            value=encode_result(result, content_type),
-            headers=((HEADER_CONTENT_TYPE, content_type.value.encode()),),
-            model=model,
-            outcome=Outcome.ERROR,
-            code=code.value,
-            cache_key=self.topics.result_key(request_id),
-        )
+        return self.answers.ok(pending.to, value)
 
 
 def _content_type_or_default(headers: Headers) -> ContentType:

@@ -63,6 +63,13 @@ class WorkerMetrics:
             "inferq_write_retries", "Failed writes that were retried.", ["sink"], registry=r
         )
         self.commits = Counter("inferq_offset_commits", "Offset commits sent.", registry=r)
+        self.undeliverable = Counter(
+            "inferq_undeliverable_records",
+            "Records Kafka can never take, given up after Redis has the result: "
+            "too_large even as a stand-in, or missing_topic.",
+            ["reason"],
+            registry=r,
+        )
 
     def answered(self, model: str, outcome: Outcome, code: str = "") -> None:
         """Count one request leaving the worker."""

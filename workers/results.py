@@ -1,53 +1,100 @@
 """Writing answers: Redis first, then Kafka, retried until both hold them.
 
-Redis is written first with ``SET NX GET``: the first result of a request id wins, and a
-worker that finds one already there (a redelivery after a crash, or a rebalance race)
-sends those exact bytes to Kafka instead of its own. So a request never gets two
-different results, whichever worker answers and however often.
+Redis is written first, by one Lua call per group: the first result of a request id wins
+and is stored with the digest of the request it answers. A worker that finds one already
+there sends those exact bytes to Kafka instead of its own (a redelivery after a crash, a
+rebalance race), so a request never gets two different results; a request that reuses an
+id with other inputs is answered `DUPLICATE_ID`, never with another request's output.
+
+Kafka takes each answer only once it fits its topic: every record is sized against the
+topic's `max.message.bytes` before it joins a batch (an oversized one is replaced by a
+small stand-in), batches never outgrow the topic's limit, and a batch the broker still
+refuses is split so that only the record at fault is replaced. A refusal also breaks the
+idempotent producer's sequence for that partition, so the producer is renewed after one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
+    CorruptRecordException,
     InvalidTopicError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    RecordListTooLargeError,
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from redis.exceptions import RedisError, ResponseError
 
-from schemas.codec import content_type_of, encode_result
-from schemas.errors import ErrorCode
-from schemas.messages import InferenceResult
-from workers.admission import Answer
-from workers.metrics import Outcome, Sink, WorkerMetrics
+from schemas.topics import TopicNames
+from workers.answers import Addressee, Answers
+from workers.catalog import TopicCatalog
+from workers.metrics import Sink, WorkerMetrics
+from workers.records import Answer
 
 log = structlog.get_logger(__name__)
 
 INITIAL_BACKOFF_S = 0.05
 CACHE_READ_ATTEMPTS = 3
+MAX_BATCH_BYTES = 512 * 1024
+"""Largest record batch the writer builds, unless a single record needs more."""
+BATCH_OVERHEAD_BYTES = 128
+"""A record batch's header (61 bytes) plus slack, on top of its records."""
+REQUEST_BUDGET_BYTES = 16 * 1024 * 1024
+"""Bytes of batches in flight at once: aiokafka puts one batch per partition of a broker
+into one produce request with no cap of its own, and the broker drops a connection whose
+request exceeds `socket.request.max.bytes` (100 MiB by default), which aiokafka retries
+forever. A batch larger than this goes alone."""
+MISSING_TOPIC_ROUNDS = 5
+"""Rounds a record waits for a missing topic before it is given up (or sent elsewhere)."""
+PRODUCER_RENEWALS_PER_MINUTE = 10
+"""More renewals than this in a minute means the producer is broken beyond renewing."""
 
 SET_FIRST_WINS = """
-local earlier = {}
-for i = 1, #KEYS do
-  earlier[i] = redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1], 'NX', 'GET')
+local out = {}
+for i = 1, #KEYS / 2 do
+  local digest = ARGV[2 * i + 1]
+  local earlier = redis.call('SET', KEYS[2 * i - 1], ARGV[2 * i], 'EX', ARGV[1], 'NX', 'GET')
+  if not earlier then
+    redis.call('SET', KEYS[2 * i], digest, 'EX', ARGV[1])
+    out[2 * i - 1] = 0
+    out[2 * i] = ''
+  else
+    local held = redis.call('GET', KEYS[2 * i])
+    if held and held ~= digest then
+      out[2 * i - 1] = 2
+      out[2 * i] = ''
+    else
+      out[2 * i - 1] = 1
+      out[2 * i] = earlier
+    end
+  end
 end
-return earlier
+return out
 """
-"""SET NX GET of each KEYS[i] to ARGV[i + 1] with TTL ARGV[1]; the values already there."""
+"""For each pair (result key, digest key) in KEYS with (value, digest) in ARGV[2i, 2i+1]
+and the TTL in ARGV[1]: store both if the result key is free (0); else return the earlier
+result (1), or 2 when the id is held by a request of another digest."""
+_STORED, _EARLIER, _TAKEN = 0, 1, 2
 _PARTITIONER = DefaultPartitioner()
+
+ProducerFactory = Callable[[], AIOKafkaProducer]
 
 
 class Backoff:
@@ -62,270 +109,447 @@ class Backoff:
         self._next_s = min(self._next_s * 2, self._max_s)
 
 
+@dataclass(eq=False, slots=True)
+class _Outgoing:
+    """An answer on its way to Kafka, and what its earlier rounds taught."""
+
+    answer: Answer
+    alone: bool = False
+    """Sent in a batch of its own: a batch that held it was refused."""
+    missing_rounds: int = 0
+
+
+@dataclass(slots=True)
+class _Round:
+    """The batches of one sending round and their outcomes."""
+
+    items: list[_Outgoing]
+    errors: list[BaseException | None] = field(default_factory=list)
+
+
 class ResultWriter:
-    """Writes a group of answers durably: cached in Redis, then acknowledged by Kafka."""
+    """Writes groups of answers durably: cached in Redis, then acknowledged by Kafka.
+
+    Owns the Kafka producer: `start` builds it, `close` stops it, and a producer that a
+    refused batch left with a broken sequence is replaced by a fresh one.
+    """
 
     def __init__(
         self,
         *,
-        producer: AIOKafkaProducer,
+        producer_factory: ProducerFactory,
         redis: aioredis.Redis,
+        catalog: TopicCatalog,
+        answers: Answers,
         result_ttl_s: int,
         metrics: WorkerMetrics,
         max_backoff_s: float,
+        max_record_bytes: int,
     ) -> None:
-        """result_ttl_s: lifetime of cached results, in seconds.
+        """producer_factory: builds an unstarted producer (idempotent, acks=all).
 
+        result_ttl_s: lifetime of cached results, in seconds.
         max_backoff_s: the longest pause between retries of a failed write.
+        max_record_bytes: the producer's `max_request_size`: no record is sent above it.
         """
-        self._producer = producer
+        self._producer_factory = producer_factory
+        self._producer: AIOKafkaProducer | None = None
+        self._renewals: deque[float] = deque()
         self._redis = redis
+        self._catalog = catalog
+        self._answers = answers
+        self._topics: TopicNames = answers.topics
         self._ttl_s = result_ttl_s
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
+        self._max_record_bytes = max_record_bytes
         # One round trip and one command for a whole group, instead of a SET per result.
         self._set_first_wins = redis.register_script(SET_FIRST_WINS)
 
-    async def cached(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The cached results under ``keys`` (None where absent or while Redis is down).
+    async def start(self) -> None:
+        """Build and start the producer."""
+        producer = self._producer_factory()
+        await producer.start()
+        self._producer = producer
 
-        Tried a few times only: this runs on the intake path, which must keep polling Kafka.
-        Reading "absent" by mistake costs a model run, never a second result, since the
-        write keeps the first result of an id and re-sends it.
+    async def close(self) -> None:
+        """Flush and stop the producer."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    # --- the redelivery check ---------------------------------------------------------------
+
+    async def settled(self, addressees: Sequence[Addressee]) -> list[Answer | None]:
+        """For each request, its answer if its id is settled already, else None.
+
+        Settled: a result of the same request is cached (it is sent again as it is), or the
+        id is held by a request with other inputs (`DUPLICATE_ID`). Tried a few times only:
+        this runs on the intake path, which must keep polling Kafka. Reading "absent" by
+        mistake costs a model run, never a second result, since the write keeps the first.
         """
-        if not keys:
+        if not addressees:
             return []
+        keys = [self._topics.result_key(to.request_id) for to in addressees]
+        keys += [self._topics.digest_key(to.request_id) for to in addressees]
         backoff = Backoff(max_s=self._max_backoff_s)
         for attempt in range(1, CACHE_READ_ATTEMPTS + 1):
             try:
-                values = await self._redis.mget(list(keys))
-                return [v.encode() if isinstance(v, str) else v for v in values]
+                values = [_as_bytes(v) for v in await self._redis.mget(keys)]
+                break
             except (RedisError, OSError) as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_read_failed", error=repr(error), attempt=attempt)
                 if attempt < CACHE_READ_ATTEMPTS:
                     await backoff.sleep()
-        return [None] * len(keys)
+        else:
+            return [None] * len(addressees)
+        count = len(addressees)
+        settled: list[Answer | None] = []
+        for to, value, digest in zip(addressees, values[:count], values[count:], strict=True):
+            if value is None:
+                settled.append(None)
+            elif digest is not None and digest != to.digest:
+                settled.append(self._answers.duplicate_id(to))
+            else:
+                settled.append(self._answers.cached(to, value))
+        return settled
+
+    # --- writing ------------------------------------------------------------------------------
 
     async def write(self, answers: Sequence[Answer]) -> list[Answer]:
-        """Write every answer; returns them as sent (with values replaced by earlier winners).
+        """Write every answer; returns them as sent (earlier winners' values, stand-ins).
 
-        Raises when the producer is broken beyond retrying: the worker then stops without
+        Raises when the producer is broken beyond renewing: the worker then stops without
         committing, and the records are delivered again.
         """
         answers = await self._write_redis(answers)
         return await self._write_kafka(answers)
 
     async def _write_redis(self, answers: Sequence[Answer]) -> list[Answer]:
-        cached = [(answer, answer.cache_key) for answer in answers if answer.cache_key is not None]
+        cached = [answer for answer in answers if answer.cache_key is not None]
         if not cached:
             return list(answers)
         backoff = Backoff(max_s=self._max_backoff_s)
-        keys = [key for _, key in cached]
-        values = [answer.value for answer, _ in cached]
         while True:
             try:
-                earlier: list[bytes | None] = await self._set_first_wins(
-                    keys=keys, args=[self._ttl_s, *values]
-                )
+                replies = await self._store(cached)
                 break
             except ResponseError as error:
                 # Redis refused the command itself (a key of another type, keys in several
                 # cluster slots): retrying the group cannot help, so go key by key.
                 log.warning("redis_script_refused", error=repr(error), answers=len(cached))
-                earlier = await self._set_each(keys, values)
+                replies = await self._store_each(cached)
                 break
             except (RedisError, OSError) as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_write_failed", error=repr(error), answers=len(cached))
                 await backoff.sleep()
-        winners = {
-            id(answer): value
-            for (answer, _), value in zip(cached, earlier, strict=True)
-            if value is not None and value != answer.value
-        }
-        if not winners:
-            return list(answers)
-        return [
-            dataclasses.replace(answer, value=winners[id(answer)])
-            if id(answer) in winners
-            else answer
-            for answer in answers
-        ]
+        replaced: dict[int, Answer] = {}
+        for answer, (status, earlier) in zip(cached, replies, strict=True):
+            if status == _TAKEN:
+                log.warning("duplicate_request_id", request_id=answer.request_id)
+                replaced[id(answer)] = self._answers.duplicate_id(Addressee.of(answer))
+            elif status == _EARLIER and earlier != answer.value:
+                replaced[id(answer)] = self._answers.cached(Addressee.of(answer), earlier)
+        return [replaced.get(id(answer), answer) for answer in answers]
 
-    async def _set_each(self, keys: Sequence[str], values: Sequence[bytes]) -> list[bytes | None]:
-        """First-result-wins per key; a key Redis refuses is logged and left uncached."""
+    async def _store(self, answers: Sequence[Answer]) -> list[tuple[int, bytes]]:
+        keys: list[str] = []
+        args: list[bytes | int] = [self._ttl_s]
+        for answer in answers:
+            assert answer.cache_key is not None
+            assert answer.request_id is not None
+            keys += [answer.cache_key, self._topics.digest_key(answer.request_id)]
+            args += [answer.value, answer.digest]
+        flat: list[Any] = await self._set_first_wins(keys=keys, args=args)
+        return [(int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def _store_each(self, answers: Sequence[Answer]) -> list[tuple[int, bytes]]:
+        """First-result-wins per answer; a key Redis refuses is logged and left uncached."""
+        replies: list[tuple[int, bytes]] = []
+        for answer in answers:
+            backoff = Backoff(max_s=self._max_backoff_s)
+            while True:
+                try:
+                    replies += await self._store([answer])
+                    break
+                except ResponseError as error:
+                    log.error("redis_key_refused", key=answer.cache_key, error=repr(error))
+                    replies.append((_STORED, b""))
+                    break
+                except (RedisError, OSError):
+                    self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
+                    await backoff.sleep()
+        return replies
+
+    async def _write_kafka(self, answers: Sequence[Answer]) -> list[Answer]:
+        """Send until acknowledged; returns the answers as they reached Kafka (or gave up)."""
+        pending = [_Outgoing(answer) for answer in answers]
+        delivered: list[Answer] = []
+        backoff = Backoff(max_s=self._max_backoff_s)
+        while pending:
+            ready, retry = await self._fit(pending, delivered)
+            outcome = await self._send_round(ready)
+            renew = False
+            first_error: BaseException | None = None
+            for item, error in zip(outcome.items, outcome.errors, strict=True):
+                if error is None:
+                    delivered.append(item.answer)
+                    continue
+                if not isinstance(error, KafkaError | OSError):
+                    raise error
+                first_error = first_error or error
+                if isinstance(error, TOO_LARGE):
+                    # The broker judges a whole batch: find the record at fault alone. Its
+                    # refusal also left a gap in this partition's producer sequence.
+                    renew = True
+                    self._catalog.forget(item.answer.topic)
+                    if item.alone and not self._shrink(item, reason=type(error).__name__):
+                        self._give_up(item, delivered, reason="too_large")
+                        continue
+                    item.alone = True
+                elif isinstance(error, UnknownTopicOrPartitionError | InvalidTopicError):
+                    self._catalog.forget(item.answer.topic)
+                    item.missing_rounds += 1
+                elif not _retriable(error):
+                    # OutOfOrderSequenceNumber, a fenced producer, a record the broker calls
+                    # invalid: the producer's sequence is broken, so renew it and retry.
+                    renew = True
+                    item.alone = True
+                retry.append(item)
+            if renew:
+                await self._renew_producer(first_error)
+            if retry:
+                self._metrics.write_retries.labels(sink=Sink.KAFKA.value).inc(len(retry))
+                log.warning("kafka_write_failed", answers=len(retry), error=repr(first_error))
+                await backoff.sleep()
+            pending = retry
+        return delivered
+
+    async def _fit(
+        self, pending: list[_Outgoing], delivered: list[Answer]
+    ) -> tuple[list[_Outgoing], list[_Outgoing]]:
+        """The records to send this round and those waiting for their topic to exist.
+
+        Each record sent is addressed to an existing topic and small enough for it; a record
+        that cannot be is given up (a result is in Redis still).
+        """
+        ready: list[_Outgoing] = []
+        waiting: list[_Outgoing] = []
+        for item in pending:
+            while True:
+                answer = item.answer
+                limit = await self._limit(answer.topic)
+                if limit is None and answer.fallback_topic is not None:
+                    log.warning(
+                        "reply_topic_missing", topic=answer.topic,
+                        sent_to=answer.fallback_topic, request_id=answer.request_id,
+                    )  # fmt: skip
+                    item.answer = dataclasses.replace(
+                        answer, topic=answer.fallback_topic, fallback_topic=None
+                    )
+                    continue
+                if limit is None or item.missing_rounds >= MISSING_TOPIC_ROUNDS:
+                    if limit is None and item.missing_rounds < MISSING_TOPIC_ROUNDS:
+                        item.missing_rounds += 1
+                        waiting.append(item)
+                    else:
+                        self._give_up(item, delivered, reason="missing_topic")
+                    break
+                size = _record_bytes(answer)
+                capacity = min(limit, self._max_record_bytes) - BATCH_OVERHEAD_BYTES
+                if size <= capacity:
+                    ready.append(item)
+                    break
+                if not self._shrink(item, reason=f"{size} bytes; {answer.topic} takes {limit}"):
+                    self._give_up(item, delivered, reason="too_large")
+                    break
+        return ready, waiting
+
+    async def _limit(self, topic: str) -> int | None:
         backoff = Backoff(max_s=self._max_backoff_s)
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, value in zip(keys, values, strict=True):
-                        pipe.set(key, value, ex=self._ttl_s, nx=True, get=True)
-                    replies = await pipe.execute(raise_on_error=False)
-                break
-            except (RedisError, OSError) as error:
-                if isinstance(error, ResponseError):
-                    raise
-                self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
+                return await self._catalog.max_message_bytes(topic)
+            except (KafkaError, OSError) as error:
+                self._metrics.write_retries.labels(sink=Sink.KAFKA.value).inc()
+                log.warning("topic_config_read_failed", topic=topic, error=repr(error))
                 await backoff.sleep()
-        earlier: list[bytes | None] = []
-        for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, Exception):
-                log.error("redis_key_refused", key=key, error=repr(reply))
-                earlier.append(None)
-            else:
-                earlier.append(reply)
-        return earlier
 
-    async def _write_kafka(self, answers: Sequence[Answer]) -> list[Answer]:
-        """Send until acknowledged; returns the answers that reached Kafka (or gave up)."""
-        pending = list(answers)
-        delivered: list[Answer] = []
-        rounds: dict[int, int] = {}
+    def _shrink(self, item: _Outgoing, *, reason: str) -> bool:
+        """Replace the item's answer by its smaller stand-in; False when there is none."""
+        original = item.answer
+        smaller = self._answers.shrunk(original, reason=reason)
+        log.warning("answer_too_large", topic=original.topic, source=str(original.source),
+                    bytes=len(original.value), reason=reason,
+                    replaced=smaller is not None)  # fmt: skip
+        if smaller is None:
+            return False
+        item.answer = smaller
+        return True
+
+    def _give_up(self, item: _Outgoing, delivered: list[Answer], *, reason: str) -> None:
+        """Move the partition on past a record Kafka can never take: a result is in Redis
+        still; a dead letter's loss is logged with where it was read."""
+        answer = item.answer
+        log.error("kafka_write_abandoned", topic=answer.topic, source=str(answer.source),
+                  request_id=answer.request_id, reason=reason)  # fmt: skip
+        self._metrics.undeliverable.labels(reason=reason).inc()
+        delivered.append(answer)
+
+    async def _renew_producer(self, cause: BaseException | None) -> None:
+        """Replace the producer by a fresh one (a new producer id, sequences from zero)."""
+        now = time.monotonic()
+        self._renewals.append(now)
+        while self._renewals and self._renewals[0] <= now - 60:
+            self._renewals.popleft()
+        if len(self._renewals) > PRODUCER_RENEWALS_PER_MINUTE:
+            raise KafkaError(f"the Kafka producer keeps failing: {cause!r}")
+        log.warning("kafka_producer_renewed", cause=repr(cause))
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), 10)
         backoff = Backoff(max_s=self._max_backoff_s)
-        while pending:
-            outcomes = await self._send_all(pending)
-            failed: list[Answer] = []
-            first_error: BaseException | None = None
-            for answer, outcome in zip(pending, outcomes, strict=True):
-                if outcome is None:
-                    delivered.append(answer)
-                    continue
-                if not isinstance(outcome, KafkaError | OSError):
-                    raise outcome
-                if isinstance(outcome, UNDELIVERABLE) or (
-                    isinstance(outcome, UnknownTopicOrPartitionError)
-                    and rounds.get(id(answer), 0) >= MISSING_TOPIC_ROUNDS
-                ):
-                    replacement = _undeliverable(answer, outcome)
-                    if replacement is None:
-                        # Even the stand-in cannot be sent (its topic is invalid or missing).
-                        # The result is in Redis; holding the partition would block all
-                        # the requests behind this one, so its offset moves on.
-                        log.error("kafka_write_abandoned", topic=answer.topic,
-                                  source=str(answer.source), error=repr(outcome))  # fmt: skip
-                        delivered.append(answer)
-                        continue
-                    answer = replacement
-                elif isinstance(outcome, KafkaError) and not _retriable(outcome):
-                    raise outcome  # the producer itself is broken: restart, commit nothing
-                rounds[id(answer)] = rounds.get(id(answer), 0) + 1
-                failed.append(answer)
-                first_error = first_error or outcome
-            if failed:
-                self._metrics.write_retries.labels(sink=Sink.KAFKA.value).inc(len(failed))
-                log.warning("kafka_write_failed", answers=len(failed), error=repr(first_error))
+        while self._producer is None:
+            producer = self._producer_factory()
+            try:
+                await producer.start()
+            except (KafkaError, OSError) as error:
+                log.warning("kafka_producer_start_failed", error=repr(error))
+                with contextlib.suppress(Exception):
+                    await producer.stop()
                 await backoff.sleep()
-            pending = failed
-        return delivered
+            else:
+                self._producer = producer
 
-    async def _send_all(self, answers: Sequence[Answer]) -> list[BaseException | None]:
-        """Send every answer and wait for the acks: None where acknowledged, else the error.
+    async def _send_round(self, items: list[_Outgoing]) -> _Round:
+        """Send every item and wait for the acks; an error is charged only to the records of
+        the batch it concerns.
 
-        Records are appended to one batch per topic partition (the key's murmur2 partition,
-        as every Kafka client computes it) and submitted whole: a per-record ``send`` costs
-        a future and a trip through the accumulator each, which dominates at small records.
-        An error is charged only to the records it concerns.
+        Records are appended to batches per topic partition (the key's murmur2 partition, as
+        every Kafka client computes it), each batch within its topic's limit, and submitted
+        whole: a per-record ``send`` costs a future and a trip through the accumulator each.
         """
-        outcomes: list[BaseException | None] = [None] * len(answers)
+        producer = self._producer
+        assert producer is not None, "start() the writer first"
+        round_ = _Round(items=items, errors=[None] * len(items))
         by_topic: dict[str, list[int]] = {}
-        for index, answer in enumerate(answers):
-            by_topic.setdefault(answer.topic, []).append(index)
-        deliveries: list[tuple[list[int], asyncio.Future[object]]] = []
+        for index, item in enumerate(items):
+            by_topic.setdefault(item.answer.topic, []).append(index)
+        flight = _Flight(round_)
         for topic, indices in by_topic.items():
             try:
-                partitions = sorted(await self._producer.partitions_for(topic))
+                partitions = sorted(await producer.partitions_for(topic))
                 if not partitions:
                     raise UnknownTopicOrPartitionError(f"no partitions known for {topic}")
+                limit = await self._limit(topic) or MAX_BATCH_BYTES
             except KafkaError as error:
-                for index in indices:
-                    outcomes[index] = error
+                flight.fail(indices, error)
                 continue
+            capacity = min(limit, self._max_record_bytes, MAX_BATCH_BYTES) - BATCH_OVERHEAD_BYTES
             by_partition: dict[int, list[int]] = {}
             for index in indices:
-                partition = _PARTITIONER(answers[index].key, partitions, partitions)
+                partition = _PARTITIONER(items[index].answer.key, partitions, partitions)
                 by_partition.setdefault(partition, []).append(index)
             for partition, members in by_partition.items():
-                builder, batch = self._producer.create_batch(), list[int]()
+                batch = _BatchInProgress(producer.create_batch())
                 for index in members:
-                    if not _append(builder, answers[index]):
-                        await self._submit(builder, batch, topic, partition, deliveries, outcomes)
-                        builder, batch = self._producer.create_batch(), list[int]()
-                        _append(builder, answers[index])  # an empty batch takes any record
-                    batch.append(index)
-                await self._submit(builder, batch, topic, partition, deliveries, outcomes)
+                    answer = items[index].answer
+                    size = _record_bytes(answer)
+                    if batch.members and (items[index].alone or batch.full_for(size, capacity)):
+                        await flight.submit(producer, batch, topic, partition)
+                        batch = _BatchInProgress(producer.create_batch())
+                    batch.append(index, answer, size)
+                    if items[index].alone:
+                        await flight.submit(producer, batch, topic, partition)
+                        batch = _BatchInProgress(producer.create_batch())
+                await flight.submit(producer, batch, topic, partition)
+        await flight.land()
+        return round_
+
+
+class _BatchInProgress:
+    """An aiokafka BatchBuilder being filled, with the items it holds."""
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.members: list[int] = []
+        self.bytes = 0
+
+    def full_for(self, size: int, capacity: int) -> bool:
+        return self.bytes + size > capacity
+
+    def append(self, index: int, answer: Answer, size: int) -> None:
+        metadata = self.builder.append(
+            timestamp=None, key=answer.key, value=answer.value, headers=list(answer.headers)
+        )
+        if metadata is None:  # aiokafka's own size cap; an empty batch takes any record
+            raise AssertionError("record batch refused a record it had room for")
+        self.members.append(index)
+        self.bytes += size
+
+
+class _Flight:
+    """The batches of a round in flight, within the request budget."""
+
+    def __init__(self, round_: _Round) -> None:
+        self._round = round_
+        self._deliveries: list[tuple[list[int], asyncio.Future[object]]] = []
+        self._bytes = 0
+
+    def fail(self, indices: list[int], error: BaseException) -> None:
+        for index in indices:
+            self._round.errors[index] = error
+
+    async def submit(
+        self, producer: AIOKafkaProducer, batch: _BatchInProgress, topic: str, partition: int
+    ) -> None:
+        if not batch.members:
+            return
+        if self._deliveries and self._bytes + batch.bytes > REQUEST_BUDGET_BYTES:
+            await self.land()
+        try:
+            future = await producer.send_batch(batch.builder, topic, partition=partition)
+        except KafkaError as error:
+            self.fail(batch.members, error)
+        else:
+            self._deliveries.append((batch.members, future))
+            self._bytes += batch.bytes
+
+    async def land(self) -> None:
+        """Wait for every batch in flight; charge each failure to its batch's members."""
+        deliveries, self._deliveries, self._bytes = self._deliveries, [], 0
         acks = await asyncio.gather(*(future for _, future in deliveries), return_exceptions=True)
         for (members, _), ack in zip(deliveries, acks, strict=True):
             if isinstance(ack, BaseException):
-                for index in members:
-                    outcomes[index] = ack
-        return outcomes
-
-    async def _submit(
-        self,
-        builder: Any,
-        members: list[int],
-        topic: str,
-        partition: int,
-        deliveries: list[tuple[list[int], asyncio.Future[object]]],
-        outcomes: list[BaseException | None],
-    ) -> None:
-        if not members:
-            return
-        try:
-            future = await self._producer.send_batch(builder, topic, partition=partition)
-        except KafkaError as error:
-            for index in members:
-                outcomes[index] = error
-        else:
-            deliveries.append((members, future))
+                self.fail(members, ack)
 
 
-UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
-"""Errors no retry can fix: the record is too large or its topic can never exist."""
-MISSING_TOPIC_ROUNDS = 5
-"""Rounds a record waits for a missing topic (a `reply_to` nobody created) before giving up."""
+TOO_LARGE = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+)
+"""Refusals of a batch's content: one of its records is too large (or the broker says it is
+corrupt), so the batch is split and the record at fault replaced."""
 
 
-def _retriable(error: KafkaError) -> bool:
+def _retriable(error: KafkaError | OSError) -> bool:
     # aiokafka marks a send that timed out waiting for buffer space as not retriable;
     # for us it is back-pressure from the broker, so it is retried like the others.
-    return bool(error.retriable) or isinstance(error, KafkaTimeoutError | OSError)
+    if isinstance(error, OSError | KafkaTimeoutError):
+        return True
+    return bool(error.retriable)
 
 
-def _undeliverable(answer: Answer, error: BaseException) -> Answer | None:
-    """A small stand-in for an answer Kafka refuses, or None when the topic is the problem.
-
-    A result too large for the broker becomes an INTERNAL error result (the full result
-    stays in Redis); a dead letter too large keeps its headers and loses its value.
-    """
-    if isinstance(error, InvalidTopicError | UnknownTopicOrPartitionError):
-        return None
-    if answer.cache_key is None:
-        if not answer.value:
-            return None
-        return dataclasses.replace(answer, value=b"")
-    if answer.outcome is Outcome.ERROR and answer.code == ErrorCode.INTERNAL.value:
-        return None  # already the stand-in
-    reason = type(error).__name__
-    stand_in = encode_result(
-        InferenceResult.failure(
-            answer.key.decode() if answer.key else "",
-            answer.model,
-            None,
-            ErrorCode.INTERNAL,
-            f"the result could not be written to Kafka ({reason}); it is in Redis",
-        ),
-        content_type_of(list(answer.headers)),
-    )
-    return dataclasses.replace(
-        answer, value=stand_in, outcome=Outcome.ERROR, code=ErrorCode.INTERNAL.value
-    )
+def _record_bytes(answer: Answer) -> int:
+    """An upper bound of the answer's size inside a record batch."""
+    headers: list[tuple[str, bytes | None]] = list(answer.headers)
+    return int(DefaultRecordBatchBuilder.size_of(answer.key, answer.value, headers)) + 32
 
 
-def _append(builder: Any, answer: Answer) -> bool:
-    """Add ``answer`` to an aiokafka BatchBuilder; False when the batch is full."""
-    metadata = builder.append(
-        timestamp=None, key=answer.key, value=answer.value, headers=list(answer.headers)
-    )
-    return metadata is not None
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value

@@ -24,18 +24,23 @@ from collections.abc import Iterable
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
 from schemas.messages import Timing
 from schemas.topics import TopicNames
-from workers.admission import Admission, Answer, BatchKey, PendingRequest, RecordSource
+from workers.admission import Admission, BatchKey, PendingRequest
+from workers.answers import Answers
 from workers.batcher import Batch, Batcher, BatchPolicy
+from workers.catalog import TopicCatalog
 from workers.membership import group_instance_id, leave_group
-from workers.metrics import Outcome, WorkerMetrics
+from workers.metrics import WorkerMetrics
 from workers.models import ModelRepository
 from workers.offsets import OffsetTracker, OffsetTrackingError
+from workers.readiness import Condition, Readiness, probe_forever
+from workers.records import Answer, RecordSource
 from workers.results import ResultWriter
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
@@ -73,12 +78,14 @@ class Worker:
         self._runner = runner
         self._metrics = metrics
         self._topics = TopicNames(prefix=settings.kafka.topic_prefix)
+        self._answer_builder = Answers(topics=self._topics, worker_id=settings.worker_id)
         self._admission = Admission(
             repository=repository,
-            topics=self._topics,
+            answers=self._answer_builder,
             limits=CodecLimits(max_message_bytes=settings.max_message_bytes),
-            worker_id=settings.worker_id,
+            reply_topic_prefixes=settings.reply_topic_prefix_list,
         )
+        self._readiness = Readiness()
         self._batcher: Batcher[BatchKey, PendingRequest] = Batcher(policy_for=self._policy_for)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._answers: asyncio.Queue[list[Answer]] = asyncio.Queue(
@@ -91,20 +98,24 @@ class Worker:
         self._paused = False
         self._intake_open = True
         self._closing = False
-        self._ready = False
         self._consumer: AIOKafkaConsumer | None = None
         self._writer: ResultWriter | None = None
         self._log = log.bind(worker=settings.worker_id)
 
     @property
     def ready(self) -> bool:
-        """True while the worker is connected, subscribed and serving."""
-        return self._ready
+        """True while the worker serves: in its group, with Kafka and Redis answering."""
+        return self._readiness.ready
+
+    @property
+    def readiness(self) -> Readiness:
+        """What the worker waits for before it is ready."""
+        return self._readiness
 
     @property
     def assignment(self) -> frozenset[TopicPartition]:
         """The partitions this worker consumes right now."""
-        if self._consumer is None or not self._ready:
+        if self._consumer is None or self._closing:
             return frozenset()
         return frozenset(self._consumer.assignment())
 
@@ -117,14 +128,22 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then finish in-flight work, commit and leave."""
         s = self._settings
-        producer = AIOKafkaProducer(
+
+        def new_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                bootstrap_servers=s.kafka.bootstrap_servers,
+                client_id=f"{s.kafka.client_id}-{s.worker_id}",
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
+                max_batch_size=512 * 1024,
+                max_request_size=s.max_message_bytes,
+                request_timeout_ms=s.kafka.request_timeout_ms,
+            )
+
+        admin = AIOKafkaAdminClient(
             bootstrap_servers=s.kafka.bootstrap_servers,
-            client_id=f"{s.kafka.client_id}-{s.worker_id}",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            max_batch_size=512 * 1024,
-            max_request_size=s.max_message_bytes,
+            client_id=f"{s.kafka.client_id}-{s.worker_id}-admin",
             request_timeout_ms=s.kafka.request_timeout_ms,
         )
         consumer = AIOKafkaConsumer(
@@ -154,12 +173,15 @@ class Worker:
             socket_connect_timeout=s.redis.socket_timeout_s,
         )
         self._consumer = consumer
-        self._writer = ResultWriter(
-            producer=producer,
+        writer = self._writer = ResultWriter(
+            producer_factory=new_producer,
             redis=redis,
+            catalog=TopicCatalog(admin=admin),
+            answers=self._answer_builder,
             result_ttl_s=s.redis.result_ttl_s,
             metrics=self._metrics,
             max_backoff_s=s.write_retry_max_backoff_s,
+            max_record_bytes=s.max_message_bytes,
         )
         tasks: list[asyncio.Task[None]] = []
         deadline: float | None = None
@@ -172,10 +194,11 @@ class Worker:
                     partitions=s.topic_partitions,
                     replication_factor=s.topic_replication_factor,
                 )
-            await producer.start()
+            await admin.start()
+            await writer.start()
             await consumer.start()
             consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
-            self._ready = True
+            self._readiness.set(Condition.SERVING, True)
             self._log.info("worker_started", topics=self.request_topics(), group=s.group_id)
             intake = asyncio.create_task(self._intake_loop(consumer), name="inferq-intake")
             tasks = [
@@ -183,6 +206,14 @@ class Worker:
                 asyncio.create_task(self._dispatch_loop(), name="inferq-dispatch"),
                 asyncio.create_task(self._writer_loop(), name="inferq-writer"),
                 asyncio.create_task(self._commit_loop(), name="inferq-committer"),
+                asyncio.create_task(
+                    probe_forever(
+                        self._readiness,
+                        {Condition.KAFKA: admin.describe_cluster, Condition.REDIS: redis.ping},
+                        interval_s=s.readiness_interval_s,
+                    ),
+                    name="inferq-readiness",
+                ),
             ]
             stopping = asyncio.create_task(stop.wait(), name="inferq-stop")
             done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -205,13 +236,13 @@ class Worker:
                 if task.done() and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
         finally:
-            self._ready = False
+            self._readiness.set(Condition.SERVING, False)
             self._closing = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             # Leaving the group (consumer.stop) hands our partitions to the others at once.
-            for closing in (leave_group(consumer), producer.stop(), redis.aclose()):
+            for closing in (leave_group(consumer), writer.close(), admin.close(), redis.aclose()):
                 left_s = CLOSE_RESERVE_S if deadline is None else deadline - time.monotonic()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(closing, max(left_s, CLOSE_MIN_S))
@@ -301,30 +332,18 @@ class Worker:
             await self._answers.put(answers)
 
     async def _answer_redeliveries(self, admitted: list[PendingRequest]) -> list[Answer]:
-        """Queue the admitted requests, except those already answered (sent from the cache)."""
+        """Queue the admitted requests, except those whose id is settled already (a cached
+        result is sent again; an id held by other inputs is answered DUPLICATE_ID)."""
         assert self._writer is not None
-        cached = await self._writer.cached(
-            [self._topics.result_key(pending.request.id) for pending in admitted]
-        )
+        settled = await self._writer.settled([pending.to for pending in admitted])
         answers = []
-        for pending, value in zip(admitted, cached, strict=True):
-            if value is None:
+        for pending, answer in zip(admitted, settled, strict=True):
+            if answer is None:
                 self._batcher.add(
                     pending.key, pending, rows=pending.rows, received_at=pending.received_at
                 )
-                continue
-            answers.append(
-                Answer(
-                    source=pending.source,
-                    topic=pending.result_topic,
-                    key=pending.request.id.encode(),
-                    value=value,
-                    headers=(("content-type", pending.content_type.value.encode()),),
-                    model=pending.model.name,
-                    outcome=Outcome.CACHED,
-                    cache_key=None,
-                )
-            )
+            else:
+                answers.append(answer)
         if len(answers) < len(admitted):
             self._batch_ready.set()
         return answers
@@ -380,12 +399,11 @@ class Worker:
                 )
                 message = f"inferq failed while running this request: {type(error).__name__}"
                 answers = [
-                    self._admission.failed(
-                        p.source, p.request, p.content_type, p.model.version,
-                        ErrorCode.INTERNAL, message,
+                    self._answer_builder.failed(
+                        p.to, ErrorCode.INTERNAL, message, version=p.model.version
                     )
                     for p in batch.items
-                ]  # fmt: skip
+                ]
             await self._answers.put(answers)
         finally:
             slots.release()
@@ -398,11 +416,8 @@ class Worker:
             deadline = pending.request.deadline_ms
             if deadline is not None and deadline <= started_ms:
                 answers.append(
-                    self._admission.expired(
-                        pending.source,
-                        pending.request,
-                        pending.content_type,
-                        version=pending.model.version,
+                    self._answer_builder.expired(
+                        pending.to, deadline_ms=deadline, version=pending.model.version
                     )
                 )
             else:
@@ -493,3 +508,4 @@ class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
         log.info("partitions_assigned", partitions=names)
+        self._worker.readiness.set(Condition.ASSIGNED, True)

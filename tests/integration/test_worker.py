@@ -77,7 +77,7 @@ async def test_every_request_is_answered_once_with_the_models_outputs(
 async def test_a_result_is_addressed_to_reply_to_in_the_requests_encoding(
     deployment: Deployment, make_topic: TopicFactory
 ) -> None:
-    reply_topic = await make_topic(f"{deployment.prefix}.my-replies")
+    reply_topic = await make_topic(f"{deployment.prefix}.replies.mine")
     request = InferenceRequest(
         id="json-1",
         model="cnn",

@@ -14,9 +14,11 @@ from schemas.errors import ErrorCode
 from schemas.messages import InferenceRequest, ResultStatus
 from schemas.tensors import Tensor
 from schemas.topics import HEADER_ERROR_CODE, HEADER_SOURCE, TopicNames
-from workers.admission import Admission, Answer, PendingRequest, RecordSource
+from workers.admission import Admission, PendingRequest
+from workers.answers import Answers
 from workers.example_models import write_example_models, write_model
 from workers.metrics import Outcome
+from workers.records import Answer, RecordSource
 from workers.models import (
     DirectoryModelRepository,
     ModelConfig,
@@ -25,6 +27,16 @@ from workers.models import (
 )
 
 TOPICS = TopicNames(prefix="unit")
+REPLY_PREFIXES = ("unit.replies.",)
+
+
+def new_admission(repository: DirectoryModelRepository, worker_id: str = "w1") -> Admission:
+    return Admission(
+        repository=repository,
+        answers=Answers(topics=TOPICS, worker_id=worker_id),
+        limits=CodecLimits(),
+        reply_topic_prefixes=REPLY_PREFIXES,
+    )
 
 
 class Partition:
@@ -41,7 +53,7 @@ def admission(tmp_path_factory: pytest.TempPathFactory) -> Admission:
     write_example_models(root)
     repository = DirectoryModelRepository(root=root, device=torch.device("cpu"))
     repository.load()
-    return Admission(repository=repository, topics=TOPICS, limits=CodecLimits(), worker_id="w1")
+    return new_admission(repository)
 
 
 def admit(admission: Admission, value: bytes, *, headers: list | None = None, now_ms: int = 0):
@@ -72,7 +84,8 @@ def test_a_valid_request_is_pending_with_its_batch_key(admission: Admission) -> 
     assert pending.key.model == "mlp"
     assert pending.key.version == 1
     assert [tuple(s) for s in pending.key.signature] == [("input", "FP32", (784,))]
-    assert pending.result_topic == TOPICS.results("mlp")
+    assert pending.to.topic == TOPICS.results("mlp")
+    assert pending.to.fallback_topic is None
 
 
 def test_requests_without_version_batch_with_the_latest(admission: Admission) -> None:
@@ -145,10 +158,69 @@ def test_an_expired_request_is_answered_without_running(admission: Admission) ->
     assert result.error.code is ErrorCode.DEADLINE_EXCEEDED
 
 
-def test_reply_to_addresses_the_result(admission: Admission, tmp_path: Path) -> None:
-    answer = admit(admission, encode_request(request(model="nope", reply_to="my.replies")))
+def test_an_allowed_reply_to_addresses_the_result(admission: Admission) -> None:
+    pending = admit(admission, encode_request(request(reply_to="unit.replies.mine")))
+    assert isinstance(pending, PendingRequest)
+    assert pending.to.topic == "unit.replies.mine"
+    assert pending.to.fallback_topic == TOPICS.results("mlp"), "used if reply_to is missing"
+    answer = admit(admission, encode_request(request(model="nope", reply_to="unit.replies.x")))
     assert isinstance(answer, Answer)
-    assert answer.topic == "my.replies"
+    assert answer.topic == "unit.replies.x"
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "unit.requests.mlp",  # the request topic itself: the worker would consume it again
+        "unit.results.cnn",  # another model's results
+        "unit.dlq",
+        "__consumer_offsets",
+        "__transaction_state",
+        "some.other.topic",  # not under an allowed prefix
+        "unit.replies",  # the prefix needs a name after it
+    ],
+)
+def test_a_reply_to_outside_the_allow_list_is_refused_on_the_results_topic(
+    admission: Admission, reply_to: str
+) -> None:
+    answer = admit(admission, encode_request(request(reply_to=reply_to)))
+    assert isinstance(answer, Answer)
+    assert answer.topic == TOPICS.results("mlp")
+    assert answer.fallback_topic is None
+    result = decode_result(answer.value)
+    assert result.error is not None
+    assert result.error.code is ErrorCode.VALIDATION_ERROR
+    assert "reply_to" in result.error.message
+
+
+def test_a_reply_to_read_from_an_invalid_request_is_checked_too(admission: Admission) -> None:
+    value = msgpack.packb(
+        {"id": "r9", "model": "mlp", "inputs": "not a list", "reply_to": "unit.requests.mlp"}
+    )
+    answer = admit(admission, value)
+    assert isinstance(answer, Answer)
+    assert answer.topic == TOPICS.results("mlp")
+
+
+def test_the_digest_binds_what_the_request_asks_not_how_it_is_delivered(
+    admission: Admission,
+) -> None:
+    def digest(**fields: object) -> bytes:
+        pending = admit(admission, encode_request(request(**fields)))
+        assert isinstance(pending, PendingRequest)
+        return pending.to.digest
+
+    base = digest()
+    assert base == digest(created_ms=5, deadline_ms=10**15, priority=3, trace="t")
+    assert base == digest(reply_to="unit.replies.mine")
+    other = Tensor.from_numpy("input", np.ones((2, 784), np.float32))
+    assert base != digest(inputs=(other,))
+    assert base != digest(version=1)
+    assert base != digest(parameters={"k": 1})
+    json_pending = admit(admission, encode_request(request(), ContentType.JSON),
+                         headers=[("content-type", b"application/json")])  # fmt: skip
+    assert isinstance(json_pending, PendingRequest)
+    assert json_pending.to.digest == base, "the same request in JSON is the same request"
 
 
 class Doubler(torch.nn.Module):
@@ -168,7 +240,7 @@ def test_a_scalar_after_an_accepted_batch_of_scalars_is_answered_not_crashed(
     write_model(root=tmp_path, name="mlp", version=1, module=module, config=config)
     repository = DirectoryModelRepository(root=tmp_path, device=torch.device("cpu"))
     repository.load()
-    fresh = Admission(repository=repository, topics=TOPICS, limits=CodecLimits(), worker_id="w")
+    fresh = new_admission(repository, worker_id="w")
     rows = Tensor.from_numpy("input", np.ones(3, dtype=np.float32))
     assert isinstance(admit(fresh, encode_request(request(inputs=(rows,)))), PendingRequest)
     scalar = Tensor.from_numpy("input", np.array(1.0, dtype=np.float32))

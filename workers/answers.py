@@ -1,0 +1,213 @@
+"""The one place answers are built: results (ok, error, expired, cached, duplicate id),
+dead letters, and the stand-ins for records Kafka will not take."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from schemas.codec import ContentType, encode_result
+from schemas.errors import ErrorCode
+from schemas.messages import InferenceResult, Timing
+from schemas.topics import (
+    HEADER_CONTENT_TYPE,
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ORIGINAL_SHA256,
+    HEADER_ORIGINAL_SIZE,
+    HEADER_SOURCE,
+    HEADERS_DROPPED,
+    TopicNames,
+)
+from workers.metrics import Outcome
+from workers.records import Answer, RecordSource
+
+Headers = Sequence[tuple[str, bytes]]
+MAX_ERROR_MESSAGE_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Addressee:
+    """Everything an answer to one request needs: who asked, in which encoding, and where
+    the result goes (resolved once, at admission)."""
+
+    source: RecordSource
+    request_id: str
+    model: str
+    topic: str
+    content_type: ContentType
+    digest: bytes
+    fallback_topic: str | None = None
+    """The model's results topic when ``topic`` is the request's `reply_to`."""
+
+    @classmethod
+    def of(cls, answer: Answer) -> Addressee:
+        """The addressee of an existing result answer."""
+        assert answer.request_id is not None, "a dead letter has no addressee"
+        return cls(
+            source=answer.source,
+            request_id=answer.request_id,
+            model=answer.model,
+            topic=answer.topic,
+            content_type=answer.content_type,
+            digest=answer.digest,
+            fallback_topic=answer.fallback_topic,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Answers:
+    """Builds every `Answer` a worker sends."""
+
+    topics: TopicNames
+    worker_id: str
+
+    def result(self, to: Addressee, result: InferenceResult, outcome: Outcome) -> Answer:
+        """The answer carrying ``result``, cached in Redis under the request id."""
+        code = result.error.code.value if result.error is not None else ""
+        return self._answer(to, encode_result(result, to.content_type), outcome, code, cache=True)
+
+    def ok(self, to: Addressee, value: bytes) -> Answer:
+        """The ok answer of a request that ran: ``value`` is its encoded result."""
+        return self._answer(to, value, Outcome.OK, "", cache=True)
+
+    def failed(
+        self,
+        to: Addressee,
+        code: ErrorCode,
+        message: str,
+        *,
+        version: int | None = None,
+        timing: Timing | None = None,
+    ) -> Answer:
+        """The error answer of a request: its code and message."""
+        result = InferenceResult.failure(
+            request_id=to.request_id, model=to.model, version=version, code=code,
+            message=message, worker=self.worker_id, timing=timing,
+        )  # fmt: skip
+        return self.result(to, result, Outcome.ERROR)
+
+    def expired(
+        self,
+        to: Addressee,
+        *,
+        deadline_ms: int | None,
+        version: int | None,
+        timing: Timing | None = None,
+    ) -> Answer:
+        """The `expired` answer of a request whose deadline passed before it ran."""
+        result = InferenceResult.expired(
+            request_id=to.request_id, model=to.model, version=version,
+            message=f"deadline_ms {deadline_ms} passed before the model ran",
+            worker=self.worker_id, timing=timing,
+        )  # fmt: skip
+        return self.result(to, result, Outcome.EXPIRED)
+
+    def cached(self, to: Addressee, value: bytes) -> Answer:
+        """A redelivered request's answer: the result already cached, sent again as it is."""
+        return self._answer(to, value, Outcome.CACHED, "", cache=False)
+
+    def duplicate_id(self, to: Addressee) -> Answer:
+        """The answer of a request whose id another request with other inputs holds.
+
+        Not cached: the id's cached result belongs to the request that used it first.
+        """
+        result = InferenceResult.failure(
+            request_id=to.request_id, model=to.model, version=None,
+            code=ErrorCode.DUPLICATE_ID,
+            message=f"id {to.request_id!r} was already used by a request with other "
+            "inputs; nothing ran: send this request with a new id",
+            worker=self.worker_id,
+        )  # fmt: skip
+        value = encode_result(result, to.content_type)
+        return self._answer(to, value, Outcome.ERROR, ErrorCode.DUPLICATE_ID.value, cache=False)
+
+    def dead_letter(
+        self,
+        source: RecordSource,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        code: ErrorCode,
+        message: str,
+    ) -> Answer:
+        """The original record, with the error in headers, for the dead-letter topic."""
+        error_headers = (
+            (HEADER_ERROR_CODE, code.value.encode()),
+            (HEADER_ERROR_MESSAGE, message.encode()[:MAX_ERROR_MESSAGE_BYTES]),
+            (HEADER_SOURCE, str(source).encode()),
+        )
+        return Answer(
+            source=source,
+            topic=self.topics.dead_letters,
+            key=key,
+            value=value or b"",
+            headers=(*tuple(headers), *error_headers),
+            model=self.topics.model_of_request_topic(source.topic) or "unknown",
+            outcome=Outcome.DEAD_LETTER,
+            code=code.value,
+        )
+
+    def shrunk(self, answer: Answer, *, reason: str) -> Answer | None:
+        """A smaller stand-in for an answer its topic refuses as too large; None if none.
+
+        A result becomes an INTERNAL error result (the full result stays in Redis). A dead
+        letter loses its value, keeping its size and SHA-256 in headers; one that is
+        already without its value loses the original record's headers too.
+        """
+        if answer.is_dead_letter:
+            return self._shrunk_dead_letter(answer)
+        if answer.outcome is Outcome.ERROR and answer.code == ErrorCode.INTERNAL.value:
+            return None  # already the stand-in
+        assert answer.request_id is not None
+        where = f"Redis key {self.topics.result_key(answer.request_id)}"
+        result = InferenceResult.failure(
+            request_id=answer.request_id, model=answer.model, version=None,
+            code=ErrorCode.INTERNAL,
+            message=f"the result could not be written to {answer.topic} ({reason}); "
+            f"it is in {where} until it expires",
+            worker=self.worker_id,
+        )  # fmt: skip
+        return dataclasses.replace(
+            answer,
+            value=encode_result(result, answer.content_type),
+            outcome=Outcome.ERROR,
+            code=ErrorCode.INTERNAL.value,
+            cache_key=None,
+        )
+
+    def _shrunk_dead_letter(self, answer: Answer) -> Answer | None:
+        if answer.value:
+            kept = (
+                (HEADER_ORIGINAL_SIZE, str(len(answer.value)).encode()),
+                (HEADER_ORIGINAL_SHA256, hashlib.sha256(answer.value).hexdigest().encode()),
+            )
+            return dataclasses.replace(answer, value=b"", headers=(*answer.headers, *kept))
+        ours = {HEADER_ERROR_CODE, HEADER_ERROR_MESSAGE, HEADER_SOURCE,
+                HEADER_ORIGINAL_SIZE, HEADER_ORIGINAL_SHA256}  # fmt: skip
+        headers = tuple((name, value) for name, value in answer.headers if name in ours)
+        if len(headers) == len(answer.headers):
+            return None
+        dropped = (HEADERS_DROPPED, str(len(answer.headers) - len(headers)).encode())
+        return dataclasses.replace(answer, key=None, headers=(*headers, dropped))
+
+    def _answer(
+        self, to: Addressee, value: bytes, outcome: Outcome, code: str, *, cache: bool
+    ) -> Answer:
+        return Answer(
+            source=to.source,
+            topic=to.topic,
+            key=to.request_id.encode(),
+            value=value,
+            headers=((HEADER_CONTENT_TYPE, to.content_type.value.encode()),),
+            model=to.model,
+            outcome=outcome,
+            code=code,
+            request_id=to.request_id,
+            content_type=to.content_type,
+            cache_key=self.topics.result_key(to.request_id) if cache else None,
+            digest=to.digest,
+            fallback_topic=to.fallback_topic,
+        )
