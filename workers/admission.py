@@ -139,11 +139,11 @@ class Admission:
                 return self.answers.dead_letter(
                     source, key, value, headers, error.code, error.message
                 )
-            to, refusal = self._addressee(
+            to, _ = self._addressee(
                 source, error.request_id, error.model or topic_model, error.reply_to,
                 _content_type_or_default(headers), record_digest(value or b""), topic_model,
             )  # fmt: skip
-            return self.answers.failed(to, error.code, refusal or error.message)
+            return self.answers.failed(to, error.code, error.message)
         to, refusal = self._addressee(
             source, request.id, request.model, request.reply_to, content_type,
             request_digest(request), topic_model,

@@ -98,3 +98,7 @@ class DeviceUnavailableError(WorkerError):
     """The configured device does not exist on this machine or is not supported."""
 
     code = ErrorCode.INTERNAL
+
+
+class MissingTopicsError(WorkerError):
+    """Topics the worker needs do not exist, and it was told not to create them."""

@@ -20,6 +20,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 
 import redis.asyncio as aioredis
 import structlog
@@ -35,6 +36,7 @@ from workers.admission import Admission, BatchKey, PendingRequest
 from workers.answers import Answers
 from workers.batcher import Batch, Batcher, BatchPolicy
 from workers.catalog import TopicCatalog
+from workers.errors import MissingTopicsError
 from workers.membership import group_instance_id, leave_group
 from workers.metrics import WorkerMetrics
 from workers.models import ModelRepository
@@ -195,6 +197,8 @@ class Worker:
                     replication_factor=s.topic_replication_factor,
                 )
             await admin.start()
+            if not s.create_topics:
+                await self._require_request_topics(admin)
             await writer.start()
             await consumer.start()
             consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
@@ -209,7 +213,14 @@ class Worker:
                 asyncio.create_task(
                     probe_forever(
                         self._readiness,
-                        {Condition.KAFKA: admin.describe_cluster, Condition.REDIS: redis.ping},
+                        {
+                            # Metadata of one topic that exists: cheap however large the
+                            # cluster, and it can create nothing.
+                            Condition.KAFKA: partial(
+                                admin.describe_topics, self.request_topics()[:1]
+                            ),
+                            Condition.REDIS: redis.ping,
+                        },
                         interval_s=s.readiness_interval_s,
                     ),
                     name="inferq-readiness",
@@ -247,6 +258,17 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(closing, max(left_s, CLOSE_MIN_S))
             self._log.info("worker_stopped")
+
+    async def _require_request_topics(self, admin: AIOKafkaAdminClient) -> None:
+        """Refuse to start without the request topics: subscribing to a missing topic would
+        have a broker with `auto.create.topics.enable` create it with default settings."""
+        existing = set(await admin.list_topics())
+        missing = [topic for topic in self.request_topics() if topic not in existing]
+        if missing:
+            raise MissingTopicsError(
+                f"request topics {missing} do not exist: create them (partitions, replication "
+                "and retention as you need) or set INFERQ_CREATE_TOPICS=true"
+            )
 
     async def _finish_in_flight(
         self, *, timeout_s: float, partitions: Iterable[TopicPartition] | None = None

@@ -3,6 +3,8 @@ reused by another request never returns that request's output."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -22,6 +24,7 @@ from tests.integration.worker_harness import (
     running_worker,
     wait_until_ready,
 )
+from workers.errors import MissingTopicsError
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -128,3 +131,15 @@ async def test_an_id_reused_with_other_inputs_is_refused_never_given_anothers_ou
     assert len(same) == 2
     assert same[0].ok
     assert same[0] == same[1], "the same request sent again gets the same result"
+
+
+async def test_a_worker_told_not_to_create_topics_refuses_to_start_without_them(
+    deployment: Deployment,
+) -> None:
+    elsewhere = dataclasses.replace(deployment, prefix=f"{deployment.prefix}-none")
+    before = await topic_names(deployment.bootstrap)
+    with pytest.raises(MissingTopicsError, match="INFERQ_CREATE_TOPICS"):
+        async with running_worker(elsewhere, create_topics=False) as running:
+            await running.task
+    created = {t for t in await topic_names(deployment.bootstrap) - before if t[:2] != "__"}
+    assert not created, f"subscribing created topics: {sorted(created)}"
