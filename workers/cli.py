@@ -1,12 +1,16 @@
-"""``inferq-worker``: start N supervised worker processes (settings from ``INFERQ_*``)."""
+"""``inferq-worker``: start N supervised worker processes (settings from ``INFERQ_*``).
+
+The supervising process imports no torch: only the children serve (see `workers.child`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
+from workers.child import group_instance_prefix, run_supervised_child, visible_gpu_count
 from workers.logging import configure_logging
-from workers.process import run_worker_process
 from workers.settings import WorkerSettings
 from workers.supervisor import Supervisor
 
@@ -16,9 +20,20 @@ SUPERVISOR_GRACE_S = 10.0
 
 def default_procs() -> int:
     """One process per visible CUDA device, else one."""
-    import torch
+    return max(visible_gpu_count(), 1)
 
-    return max(torch.cuda.device_count(), 1)
+
+def build_supervisor(settings: WorkerSettings, *, procs: int) -> Supervisor:
+    """The supervisor of ``procs`` children serving with ``settings``' environment."""
+    # Chosen here, once: a restarted child must come back under the same static member id.
+    prefix = (
+        group_instance_prefix(settings.group_instance_id) if settings.static_membership else None
+    )
+    return Supervisor(
+        target=functools.partial(run_supervised_child, prefix),
+        procs=procs,
+        shutdown_timeout_s=settings.shutdown_timeout_s + SUPERVISOR_GRACE_S,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = WorkerSettings()
     configure_logging(level=settings.log_level, json=settings.log_json)
     procs = args.procs if args.procs is not None else default_procs()
-    supervisor = Supervisor(
-        target=run_worker_process,
-        procs=procs,
-        shutdown_timeout_s=settings.shutdown_timeout_s + SUPERVISOR_GRACE_S,
-    )
-    return supervisor.run()
+    return build_supervisor(settings, procs=procs).run()
 
 
 if __name__ == "__main__":

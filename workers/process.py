@@ -64,16 +64,30 @@ def device_for_child(spec: str, index: int) -> str:
     return f"cuda:{index % count}" if count else spec
 
 
-def run_worker_process(index: int) -> None:
-    """Entry point of a supervised child: serve with settings from the environment."""
-    settings = WorkerSettings()
+def child_settings(
+    settings: WorkerSettings, index: int, *, group_instance_prefix: str | None
+) -> WorkerSettings:
+    """The settings of supervised child ``index``: its own id, device, port and static id.
+
+    group_instance_prefix: the static member id stem chosen by the supervisor (kept across
+        restarts); the child joins as ``{prefix}-{index}`` unless static membership is off.
+    """
     updates: dict[str, object] = {
         "worker_id": f"{settings.worker_id}-{index}",
         "device": device_for_child(settings.device, index),
     }
     if settings.http_port:
         updates["http_port"] = settings.http_port + index  # one metrics port per child
-    settings = settings.model_copy(update=updates)
+    if settings.static_membership:
+        prefix = settings.group_instance_id or group_instance_prefix
+        if prefix:
+            updates["group_instance_id"] = f"{prefix}-{index}"
+    return settings.model_copy(update=updates)
+
+
+def run_worker_process(index: int, *, group_instance_prefix: str | None = None) -> None:
+    """Serve as supervised child ``index`` with settings from the environment."""
+    settings = child_settings(WorkerSettings(), index, group_instance_prefix=group_instance_prefix)
     configure_logging(level=settings.log_level, json=settings.log_json)
     structlog.contextvars.bind_contextvars(worker=settings.worker_id)
     try:
