@@ -2,7 +2,8 @@
 
 Kafka's jars are resolved from Maven Central by ``mvn`` into a cache outside the repository
 (``~/.cache/inferq/kafka-{version}``), so only the first run downloads anything. Redis is
-Debian's ``redis-server``, installed with apt when it is missing and we are root.
+Debian's ``redis-server``, installed with apt when it is missing and we are root; it keeps an
+append-only file in the run directory, so a restart of Redis alone keeps the cached results.
 
 Used by the Makefile (``python -m deploy.local.stack up|down|status``) and by the test
 fixtures, which start a private stack on free ports in a temporary directory.
@@ -11,15 +12,10 @@ fixtures, which start a private stack on free ports in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import concurrent.futures
 import contextlib
-import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +23,34 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from deploy.local.processes import (
+    StackError,
+    free_port,
+    kafka_answers,
+    log,
+    read_pid,
+    redis_answers,
+    spawn,
+    tail,
+    terminate,
+)
+from deploy.local.redis_server import RedisServer, ensure_redis_server
+
+__all__ = [
+    "KAFKA_VERSION",
+    "LocalStack",
+    "RedisServer",
+    "StackConfig",
+    "StackError",
+    "config_from_env",
+    "ensure_kafka_jars",
+    "ensure_redis_server",
+    "free_port",
+    "kafka_answers",
+    "redis_answers",
+    "running_stack",
+]
 
 KAFKA_VERSION = "4.3.1"
 HERE = Path(__file__).resolve().parent
@@ -41,10 +65,6 @@ def default_cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "inferq"
-
-
-class StackError(RuntimeError):
-    """The local stack could not be installed, started or stopped."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,25 +95,6 @@ class StackConfig:
         return f"redis://{self.host}:{self.redis_port}/0"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a log file, or a note that it is missing."""
-    if not path.exists():
-        return f"({path} does not exist)"
-    content = path.read_text(errors="replace").splitlines()
-    return "\n".join(content[-lines:])
-
-
-def _log(message: str) -> None:
-    print(f"[stack] {message}", file=sys.stderr, flush=True)
-
-
 # --- installation -------------------------------------------------------------------------
 
 
@@ -107,7 +108,7 @@ def ensure_kafka_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
         raise StackError("Maven (mvn) is needed to fetch the Kafka broker jars; install it.")
     if shutil.which("java") is None:
         raise StackError("Java 17 is needed to run the Kafka broker; install it.")
-    _log(f"resolving Apache Kafka {version} jars with Maven into {libs}")
+    log(f"resolving Apache Kafka {version} jars with Maven into {libs}")
     shutil.rmtree(libs, ignore_errors=True)
     libs.mkdir(parents=True)
     command = [
@@ -127,125 +128,6 @@ def ensure_kafka_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
     return libs
 
 
-def ensure_redis_server() -> str:
-    """The path of redis-server, installing Debian's package when missing and root."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise StackError(
-            "redis-server is not installed and we are not root: "
-            "run `sudo apt-get install -y redis-server` and try again."
-        )
-    _log("installing redis-server from Debian's packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "redis-server"],
-    ):
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if result.returncode != 0:
-            raise StackError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    found = shutil.which("redis-server")
-    if not found:
-        raise StackError("apt-get installed redis-server but it is not on PATH")
-    return found
-
-
-# --- processes ----------------------------------------------------------------------------
-
-
-def _read_pid(pid_file: Path) -> int | None:
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if _alive(pid) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
-
-
-def _spawn(command: list[str], log_file: Path, pid_file: Path) -> subprocess.Popen[bytes]:
-    with log_file.open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in the caller's terminal must not reach it
-        )
-    pid_file.write_text(str(process.pid))
-    return process
-
-
-def _terminate(pid_file: Path, timeout_s: float) -> None:
-    pid = _read_pid(pid_file)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            _log(f"pid {pid} ignored SIGTERM for {timeout_s:.0f}s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
-
-
-# --- readiness probes ---------------------------------------------------------------------
-
-
-def redis_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether redis-server at host:port answers PING with PONG."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def kafka_answers(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
-    """Whether the broker answers a metadata request (through aiokafka's client)."""
-    from aiokafka.client import AIOKafkaClient  # the project's venv has it
-    from aiokafka.errors import KafkaError
-
-    # Refused connections are the expected answer while the broker starts: keep them quiet.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-
-    async def probe() -> bool:
-        client = AIOKafkaClient(
-            bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
-        )
-        try:
-            await asyncio.wait_for(client.bootstrap(), timeout_s)
-            return True
-        except (KafkaError, OSError, TimeoutError):
-            return False
-        finally:
-            await client.close()
-
-    # A thread of its own, so that callers inside a running event loop can probe too.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, probe()).result()
-
-
 # --- the stack ----------------------------------------------------------------------------
 
 
@@ -257,10 +139,17 @@ class LocalStack:
         self.run_dir = config.run_dir
         self.kafka_data = self.run_dir / "kafka-data"
         self.kafka_log = self.run_dir / "kafka.log"
-        self.redis_log = self.run_dir / "redis.log"
         self.kafka_pid = self.run_dir / "kafka.pid"
-        self.redis_pid = self.run_dir / "redis.pid"
-        # Handles of the processes this object started, reaped on down().
+        self.redis = RedisServer(
+            run_dir=self.run_dir,
+            host=config.host,
+            port=config.redis_port,
+            start_timeout_s=config.start_timeout_s,
+            stop_timeout_s=config.stop_timeout_s,
+        )
+        self.redis_log = self.redis.log
+        self.redis_pid = self.redis.pid_file
+        # Handles of the broker processes this object started, reaped on down().
         self._processes: list[subprocess.Popen[bytes]] = []
 
     # public API
@@ -269,9 +158,9 @@ class LocalStack:
         """Install what is missing, start both services and wait until they answer."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         libs = ensure_kafka_jars(self.config.cache_dir)
-        redis_server = ensure_redis_server()
+        ensure_redis_server()
         try:
-            self._start_redis(redis_server)
+            self.redis.spawn()
             self._start_kafka(libs)
             self._wait_ready()
         except BaseException:
@@ -280,16 +169,20 @@ class LocalStack:
 
     def down(self) -> None:
         """Stop both services (SIGTERM, then SIGKILL after the stop timeout)."""
-        _terminate(self.kafka_pid, self.config.stop_timeout_s)
-        _terminate(self.redis_pid, self.config.stop_timeout_s)
+        terminate(self.kafka_pid, self.config.stop_timeout_s)
+        self.redis.stop()
         for process in self._processes:
             process.wait()
         self._processes.clear()
 
+    def restart_redis(self) -> None:
+        """Stop redis-server alone and start it again; its append-only file keeps the data."""
+        self.redis.restart()
+
     def status(self) -> dict[str, str]:
         """A line per service: its pid and whether it answers."""
         c = self.config
-        kafka_pid, redis_pid = _read_pid(self.kafka_pid), _read_pid(self.redis_pid)
+        kafka_pid, redis_pid = read_pid(self.kafka_pid), read_pid(self.redis_pid)
         kafka_ok = kafka_pid is not None and kafka_answers(c.bootstrap_servers, timeout_s=3)
         redis_ok = redis_pid is not None and redis_answers(c.host, c.redis_port)
         return {
@@ -299,28 +192,12 @@ class LocalStack:
 
     def kafka_process_id(self) -> int | None:
         """The broker's pid while it runs (tests kill it to check failure handling)."""
-        return _read_pid(self.kafka_pid)
+        return read_pid(self.kafka_pid)
 
     # internals
 
-    def _start_redis(self, redis_server: str) -> None:
-        if _read_pid(self.redis_pid) is not None:
-            return
-        c = self.config
-        command = [
-            redis_server,
-            "--bind", c.host,
-            "--port", str(c.redis_port),
-            "--dir", str(self.run_dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        self._processes.append(_spawn(command, self.redis_log, self.redis_pid))
-
     def _start_kafka(self, libs: Path) -> None:
-        if _read_pid(self.kafka_pid) is not None:
+        if read_pid(self.kafka_pid) is not None:
             return
         properties = self.run_dir / "server.properties"
         properties.write_text(self._server_properties())
@@ -332,7 +209,7 @@ class LocalStack:
             format_command = [
                 *java, *classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
                 "kafka.tools.StorageTool", "format",
-                "--cluster-id", cluster_id,
+                f"--cluster-id={cluster_id}",  # an id may start with "-": not a separate word
                 "--config", str(properties),
                 "--standalone",
             ]  # fmt: skip
@@ -344,7 +221,7 @@ class LocalStack:
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
             "kafka.Kafka", str(properties),
         ]  # fmt: skip
-        self._processes.append(_spawn(command, self.kafka_log, self.kafka_pid))
+        self._processes.append(spawn(command, self.kafka_log, self.kafka_pid))
 
     def _server_properties(self) -> str:
         c = self.config
@@ -377,13 +254,14 @@ class LocalStack:
         deadline = time.monotonic() + c.start_timeout_s
         redis_ok = kafka_ok = False
         while time.monotonic() < deadline:
-            for name, pid_file, log in (
+            for name, pid_file, log_file in (
                 ("redis-server", self.redis_pid, self.redis_log),
                 ("kafka", self.kafka_pid, self.kafka_log),
             ):
-                if _read_pid(pid_file) is None:
+                if read_pid(pid_file) is None:
                     raise StackError(
-                        f"{name} exited during start-up; last lines of {log}:\n{tail(log)}"
+                        f"{name} exited during start-up; last lines of {log_file}:\n"
+                        f"{tail(log_file)}"
                     )
             redis_ok = redis_ok or redis_answers(c.host, c.redis_port)
             kafka_ok = kafka_ok or kafka_answers(c.bootstrap_servers, timeout_s=2)
@@ -392,8 +270,8 @@ class LocalStack:
             time.sleep(0.3)
         failing = [n for n, ok in (("kafka", kafka_ok), ("redis", redis_ok)) if not ok]
         logs = "\n".join(
-            f"--- {log}:\n{tail(log)}"
-            for name, log in (("kafka", self.kafka_log), ("redis", self.redis_log))
+            f"--- {log_file}:\n{tail(log_file)}"
+            for name, log_file in (("kafka", self.kafka_log), ("redis", self.redis_log))
             if name in failing
         )
         raise StackError(
@@ -436,18 +314,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "up":
             started = time.monotonic()
             stack.up()
-            _log(
+            log(
                 f"up in {time.monotonic() - started:.1f}s: kafka {config.bootstrap_servers}, "
                 f"redis {config.redis_url}, logs in {config.run_dir}"
             )
         elif args.command == "down":
             stack.down()
-            _log("down")
+            log("down")
         else:
             for name, line in stack.status().items():
                 print(f"{name}: {line}")
     except StackError as error:
-        _log(f"error: {error}")
+        log(f"error: {error}")
         return 1
     return 0
 

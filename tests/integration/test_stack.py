@@ -105,3 +105,38 @@ async def test_killed_broker_fails_fast_with_a_clear_message(
         await asyncio.to_thread(stack.down)
     assert stack.kafka_process_id() is None
     assert not redis_answers(stack.config.host, stack.config.redis_port)
+
+
+async def test_restarting_redis_alone_keeps_its_data_and_the_broker(
+    tmp_path: Path, unique_prefix: str
+) -> None:
+    stack = LocalStack(
+        StackConfig(
+            run_dir=tmp_path / "stack",
+            kafka_port=free_port(),
+            controller_port=free_port(),
+            redis_port=free_port(),
+        )
+    )
+    await asyncio.to_thread(stack.up)
+    try:
+        key = f"{unique_prefix}:kept"
+        client = aioredis.Redis.from_url(stack.config.redis_url, socket_timeout=5)
+        try:
+            await client.set(key, b"answer", ex=600)
+        finally:
+            await client.aclose()
+        broker_pid, redis_pid = stack.kafka_process_id(), stack.redis.process_id()
+
+        await asyncio.to_thread(stack.restart_redis)
+
+        assert stack.redis.process_id() not in {None, redis_pid}, "redis-server restarted"
+        assert stack.kafka_process_id() == broker_pid, "the broker was left alone"
+        client = aioredis.Redis.from_url(stack.config.redis_url, socket_timeout=5)
+        try:
+            assert await client.get(key) == b"answer"
+            assert 0 < await client.ttl(key) <= 600
+        finally:
+            await client.aclose()
+    finally:
+        await asyncio.to_thread(stack.down)

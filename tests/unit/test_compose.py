@@ -122,6 +122,20 @@ def test_kafka_is_a_single_kraft_node_reachable_as_kafka_9092(services: dict[str
     assert f"localhost:{DEFAULT_KAFKA_PORT}" in " ".join(kafka["healthcheck"]["test"])
 
 
+def test_redis_keeps_an_append_only_file_in_a_volume(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert "--dir" not in options, "the append-only file goes to the image's /data"
+    (volume,) = [v for v in redis["volumes"] if v.split(":")[1] == "/data"]
+    assert volume.split(":")[0] in compose["volumes"], "a named volume outlives the container"
+
+
 def test_host_ports_are_the_settings_defaults(services: dict[str, Any]) -> None:
     assert DEFAULT_KAFKA_PORT in published_ports(services["kafka"]).values()
     assert published_ports(services["redis"]) == {DEFAULT_REDIS_PORT: DEFAULT_REDIS_PORT}

@@ -1,4 +1,4 @@
-"""The local stack's pure parts: ports, properties, probes of nothing."""
+"""The local stack's pure parts: ports, properties, persistence, probes of nothing."""
 
 from __future__ import annotations
 
@@ -23,3 +23,17 @@ def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
     status = LocalStack(StackConfig(run_dir=tmp_path, kafka_port=free_port())).status()
     assert status["kafka"].startswith("down")
     assert status["redis"].startswith("down")
+
+
+# --- redis persistence --------------------------------------------------------------------
+
+
+def test_redis_keeps_an_append_only_file_in_the_run_dir(tmp_path: Path) -> None:
+    stack = LocalStack(StackConfig(run_dir=tmp_path, redis_port=1234))
+    command = stack.redis.command("redis-server")
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--dir"] == str(tmp_path)
+    assert options["--port"] == "1234"
+    assert stack.redis.url == stack.config.redis_url
