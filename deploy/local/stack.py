@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.local.broker_limits import MIB, BrokerLimits, java_size_bytes
 from deploy.local.processes import (
     StackError,
     free_port,
@@ -39,6 +40,7 @@ from deploy.local.redis_server import RedisServer, ensure_redis_server
 
 __all__ = [
     "KAFKA_VERSION",
+    "BrokerLimits",
     "LocalStack",
     "RedisServer",
     "StackConfig",
@@ -73,6 +75,8 @@ class StackConfig:
 
     run_dir: data, logs and pid files. kafka_port: the client listener.
     controller_port: the KRaft controller listener. redis_port: redis-server's port.
+    broker_limits: the broker's size limits, threads and the memory derived from them.
+    kafka_heap: a larger `-Xmx` than the limits need (e.g. ``"1g"``); None: what they need.
     start_timeout_s: how long to wait for both services to answer.
     """
 
@@ -81,10 +85,27 @@ class StackConfig:
     kafka_port: int = 9092
     controller_port: int = 9093
     redis_port: int = 6379
-    kafka_heap: str = "512m"
+    broker_limits: BrokerLimits = field(default_factory=BrokerLimits)
+    kafka_heap: str | None = None
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 30.0
     cache_dir: Path = field(default_factory=default_cache_dir)
+
+    def __post_init__(self) -> None:
+        needed = self.broker_limits.heap_bytes
+        if self.kafka_heap is not None and java_size_bytes(self.kafka_heap) < needed:
+            raise ValueError(
+                f"kafka_heap {self.kafka_heap!r} is below the {needed // MIB}m "
+                "that the broker's request limits need"
+            )
+
+    @property
+    def kafka_jvm_options(self) -> list[str]:
+        """`java` options of the broker: its limits' memory, or the larger heap asked for."""
+        options = self.broker_limits.jvm_options()
+        if self.kafka_heap is not None:
+            options[0] = f"-Xmx{self.kafka_heap}"
+        return options
 
     @property
     def bootstrap_servers(self) -> str:
@@ -201,7 +222,7 @@ class LocalStack:
             return
         properties = self.run_dir / "server.properties"
         properties.write_text(self._server_properties())
-        java = ["java", f"-Xmx{self.config.kafka_heap}", "-Xms128m", "-XX:+UseG1GC"]
+        java = ["java", *self.config.kafka_jvm_options, "-Xms128m", "-XX:+UseG1GC"]
         classpath = ["-cp", f"{libs}/*"]
         if not (self.kafka_data / "meta.properties").exists():
             self.kafka_data.mkdir(parents=True, exist_ok=True)
@@ -245,7 +266,8 @@ class LocalStack:
             "share.coordinator.state.topic.min.isr": "1",
             # A single-node test cluster: rebalance at once instead of waiting for members.
             "group.initial.rebalance.delay.ms": "0",
-            "message.max.bytes": str(64 * 1024 * 1024),
+            # Request and record limits, and the threads the JVM's memory is sized for.
+            **c.broker_limits.server_properties(),
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
 

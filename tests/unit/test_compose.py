@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from deploy.local.broker_limits import BrokerLimits
 from schemas.settings import KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 from workers.example_models import EXAMPLE_MODELS
@@ -120,6 +121,21 @@ def test_kafka_is_a_single_kraft_node_reachable_as_kafka_9092(services: dict[str
     assert len(base64.urlsafe_b64decode(env["CLUSTER_ID"] + "==")) == 16, "not a base64 UUID"
     assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= WorkerSettings().max_message_bytes
     assert f"localhost:{DEFAULT_KAFKA_PORT}" in " ".join(kafka["healthcheck"]["test"])
+
+
+def kafka_env(services: dict[str, Any]) -> dict[str, str]:
+    return {name: str(value) for name, value in services["kafka"]["environment"].items()}
+
+
+def test_kafka_limits_and_memory_are_the_local_stacks(services: dict[str, Any]) -> None:
+    """The broker's memory holds what its limits let in (deploy/local/broker_limits.py)."""
+    env = kafka_env(services)
+    limits = BrokerLimits()
+    for name, value in limits.server_properties().items():
+        assert env[f"KAFKA_{name.upper().replace('.', '_')}"] == value, name
+    jvm_options = env["KAFKA_HEAP_OPTS"].split() + env["KAFKA_OPTS"].split()
+    for option in limits.jvm_options():
+        assert option in jvm_options
 
 
 def test_redis_keeps_an_append_only_file_in_a_volume(

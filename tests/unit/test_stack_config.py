@@ -1,10 +1,14 @@
-"""The local stack's pure parts: ports, properties, persistence, probes of nothing."""
+"""The local stack's pure parts: ports, properties, memory limits, probes of nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from deploy.local.stack import LocalStack, StackConfig, free_port, redis_answers
+import pytest
+
+from deploy.local.broker_limits import MIB, java_size_bytes
+from deploy.local.stack import BrokerLimits, LocalStack, StackConfig, free_port, redis_answers
+from workers.settings import WorkerSettings
 
 
 def test_server_properties_use_the_configured_ports(tmp_path: Path) -> None:
@@ -23,6 +27,75 @@ def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
     status = LocalStack(StackConfig(run_dir=tmp_path, kafka_port=free_port())).status()
     assert status["kafka"].startswith("down")
     assert status["redis"].startswith("down")
+
+
+# --- broker memory and limits -------------------------------------------------------------
+
+
+def properties_of(stack: LocalStack) -> dict[str, str]:
+    lines = stack._server_properties().splitlines()
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_the_broker_takes_a_64_mib_record_in_a_request_it_reads(tmp_path: Path) -> None:
+    properties = properties_of(LocalStack(StackConfig(run_dir=tmp_path)))
+    message_max = int(properties["message.max.bytes"])
+    request_max = int(properties["socket.request.max.bytes"])
+    assert request_max == 100 * MIB
+    assert WorkerSettings().max_message_bytes < message_max < request_max
+    assert int(properties["queued.max.request.bytes"]) >= request_max
+    assert int(properties["num.network.threads"]) >= 1
+    assert int(properties["num.io.threads"]) >= 1
+
+
+def jvm_option_bytes(options: list[str], prefix: str) -> int:
+    (option,) = [o for o in options if o.startswith(prefix)]
+    return java_size_bytes(option.removeprefix(prefix))
+
+
+def test_jvm_memory_holds_the_requests_the_limits_allow(tmp_path: Path) -> None:
+    limits = BrokerLimits()
+    options = StackConfig(run_dir=tmp_path).kafka_jvm_options
+    heap = jvm_option_bytes(options, "-Xmx")
+    direct = jvm_option_bytes(options, "-XX:MaxDirectMemorySize=")
+    cached = jvm_option_bytes(options, "-Djdk.nio.maxCachedBufferSize=")
+    # Queued requests, plus the one Kafka lets in beyond the queue bound, plus the broker.
+    assert heap >= limits.queued_request_bytes + limits.socket_request_max_bytes + 256 * MIB
+    # Each network and I/O thread keeps a temporary buffer up to the largest cached one.
+    assert cached <= limits.socket_request_max_bytes
+    assert direct > (limits.network_threads + limits.io_threads) * cached
+
+
+def test_limits_derive_memory_from_threads_and_request_size() -> None:
+    small = BrokerLimits(network_threads=1, io_threads=1)
+    large = BrokerLimits(network_threads=3, io_threads=8)
+    assert large.direct_memory_bytes - small.direct_memory_bytes == 9 * 100 * MIB
+    bigger = BrokerLimits(socket_request_max_bytes=200 * MIB, queued_request_bytes=200 * MIB)
+    assert bigger.heap_bytes - BrokerLimits().heap_bytes == 200 * MIB
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("message_max_bytes", 100 * MIB),  # a record in no request the broker reads
+        ("queued_request_bytes", 10 * MIB),  # below one request
+        ("io_threads", 0),
+    ],
+)
+def test_limits_that_disagree_are_refused(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        BrokerLimits(**{field: value})
+
+
+def test_a_heap_below_what_the_limits_need_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kafka_heap"):
+        StackConfig(run_dir=tmp_path, kafka_heap="256m")
+    assert "-Xmx2g" in StackConfig(run_dir=tmp_path, kafka_heap="2g").kafka_jvm_options
+
+
+@pytest.mark.parametrize(("size", "expected"), [("512m", 512 * MIB), ("1g", 1024 * MIB)])
+def test_java_sizes(size: str, expected: int) -> None:
+    assert java_size_bytes(size) == expected
 
 
 # --- redis persistence --------------------------------------------------------------------
