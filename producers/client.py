@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Final
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
@@ -15,6 +16,9 @@ from schemas.codec import ContentType, decode_result, encode_request
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
+BATCH_BYTES: Final = 1024 * 1024
+"""The producer's batch size; a larger record travels in a batch of its own."""
+
 
 class ResultTimeoutError(TimeoutError):
     """No result arrived in Redis for a request within the caller's timeout."""
@@ -23,6 +27,43 @@ class ResultTimeoutError(TimeoutError):
         shown = ", ".join(request_ids[:5]) + (" ..." if len(request_ids) > 5 else "")
         super().__init__(f"{len(request_ids)} result(s) missing after {timeout_s:.1f}s: {shown}")
         self.request_ids = list(request_ids)
+
+
+class InFlightBytes:
+    """Caps the bytes of large records sent and not yet acknowledged; first come, first served.
+
+    aiokafka puts one batch per partition of a broker into one produce request, with no cap on
+    the total: several 60 MiB records for different partitions made one request larger than the
+    broker's `socket.request.max.bytes`, which the broker drops and aiokafka retries forever.
+    A record may go when the others in flight leave room for it, or when none is in flight.
+    """
+
+    def __init__(self, *, budget_bytes: int) -> None:
+        """budget_bytes: most bytes in flight at once (one record may exceed it alone)."""
+        if budget_bytes < 1:
+            raise ValueError("budget_bytes must be positive")
+        self._budget_bytes = budget_bytes
+        self._in_flight_bytes = 0
+        self._turn = asyncio.Lock()  # FIFO: a large record is not overtaken by smaller ones
+        self._released = asyncio.Event()
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes acquired and not yet released."""
+        return self._in_flight_bytes
+
+    async def acquire(self, size_bytes: int) -> None:
+        """Wait until ``size_bytes`` more fit in the budget (or nothing is in flight)."""
+        async with self._turn:
+            while self._in_flight_bytes and self._in_flight_bytes + size_bytes > self._budget_bytes:
+                self._released.clear()
+                await self._released.wait()
+            self._in_flight_bytes += size_bytes
+
+    def release(self, size_bytes: int) -> None:
+        """Give back what a delivered (or failed) record acquired."""
+        self._in_flight_bytes -= size_bytes
+        self._released.set()
 
 
 class InferenceClient:
@@ -41,7 +82,7 @@ class InferenceClient:
             enable_idempotence=True,
             linger_ms=settings.linger_ms,
             # aiokafka's 16 KiB default holds only a handful of tensor requests per batch.
-            max_batch_size=1024 * 1024,
+            max_batch_size=BATCH_BYTES,
             max_request_size=settings.max_request_bytes,
             request_timeout_ms=settings.kafka.request_timeout_ms,
         )
@@ -49,6 +90,7 @@ class InferenceClient:
             settings.redis.url, socket_timeout=settings.redis.socket_timeout_s
         )
         self._content_type_header = settings.content_type.value.encode()
+        self._large_records = InFlightBytes(budget_bytes=settings.max_request_bytes)
 
     async def __aenter__(self) -> InferenceClient:
         await self.start()
@@ -84,14 +126,30 @@ class InferenceClient:
     async def enqueue(
         self, request: InferenceRequest, *, key: bytes | None = None
     ) -> asyncio.Future[object]:
-        """Publish without waiting for the ack; returns the future that resolves on it."""
+        """Publish without waiting for the ack; returns the future that resolves on it.
+
+        A record larger than a batch waits until the large records before it are acknowledged,
+        as far as they would not fit in one request with it (`max_request_bytes`).
+        """
         value = encode_request(request, self._settings.content_type)
-        future: asyncio.Future[object] = await self._producer.send(
-            self._topics.requests(request.model),
-            value,
-            key=key if key is not None else request.id.encode(),
-            headers=[(HEADER_CONTENT_TYPE, self._content_type_header)],
-        )
+        record_key = key if key is not None else request.id.encode()
+        size_bytes = len(value) + len(record_key)
+        large = size_bytes > BATCH_BYTES
+        if large:
+            await self._large_records.acquire(size_bytes)
+        try:
+            future: asyncio.Future[object] = await self._producer.send(
+                self._topics.requests(request.model),
+                value,
+                key=record_key,
+                headers=[(HEADER_CONTENT_TYPE, self._content_type_header)],
+            )
+        except BaseException:
+            if large:
+                self._large_records.release(size_bytes)
+            raise
+        if large:
+            future.add_done_callback(lambda _: self._large_records.release(size_bytes))
         return future
 
     async def results(

@@ -21,8 +21,15 @@ class ProducerSettings(BaseSettings):
     content_type: ContentType = Field(
         default=ContentType.MSGPACK, description="Encoding of published requests."
     )
+    # Also the most bytes of records larger than a batch that the client has in flight at once,
+    # so a produce request holds at most this much of them plus a 1 MiB batch per partition:
+    # keep it well below the broker's `socket.request.max.bytes` (100 MiB by default), or the
+    # broker drops the request and aiokafka retries it forever.
     max_request_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="Largest request record sent, bytes."
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest request record sent, bytes; stay below the broker's "
+        "socket.request.max.bytes.",
     )
     linger_ms: int = Field(default=5, ge=0, description="Producer batching delay, ms.")
     result_poll_interval_ms: int = Field(

@@ -8,6 +8,8 @@ import pytest
 
 from deploy.local.broker_limits import MIB, java_size_bytes
 from deploy.local.stack import BrokerLimits, LocalStack, StackConfig, free_port, redis_answers
+from producers.client import BATCH_BYTES
+from producers.settings import ProducerSettings
 from workers.settings import WorkerSettings
 
 
@@ -46,6 +48,14 @@ def test_the_broker_takes_a_64_mib_record_in_a_request_it_reads(tmp_path: Path) 
     assert int(properties["queued.max.request.bytes"]) >= request_max
     assert int(properties["num.network.threads"]) >= 1
     assert int(properties["num.io.threads"]) >= 1
+
+
+def test_producer_requests_stay_below_what_the_broker_reads() -> None:
+    """A request holds the large records in flight (at most `max_request_bytes`) and a batch
+    per partition: the 8 partitions of a request topic must fit beside them."""
+    limits = BrokerLimits()
+    largest_request = ProducerSettings().max_request_bytes + 8 * BATCH_BYTES
+    assert largest_request < limits.socket_request_max_bytes
 
 
 def jvm_option_bytes(options: list[str], prefix: str) -> int:
