@@ -1,27 +1,42 @@
-"""An inference client: publish requests to Kafka, read results from Redis."""
+"""An inference client: publish requests to Kafka, read results from Redis (or their topic)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Final
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producers.result_topic import ResultTopicScan, Submission
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
+log = logging.getLogger(__name__)
+
 BATCH_BYTES: Final = 1024 * 1024
 """The producer's batch size; a larger record travels in a batch of its own."""
+REMEMBERED_SUBMISSIONS: Final = 100_000
+"""Most requests whose result topic and submit time a client keeps for the topic fallback."""
+SCAN_POLL_MS: Final = 200
+"""Longest a result-topic read waits for records before the client checks on its waits."""
+SCAN_RETRY_S: Final = 1.0
+"""Pause before a result-topic scan that failed (broker down, topic missing) is tried again."""
 
 
 class ResultTimeoutError(TimeoutError):
-    """No result arrived in Redis for a request within the caller's timeout."""
+    """No result arrived, in Redis or on its result topic, within the caller's timeout."""
 
     def __init__(self, request_ids: Sequence[str], timeout_s: float) -> None:
         shown = ", ".join(request_ids[:5]) + (" ..." if len(request_ids) > 5 else "")
@@ -91,6 +106,7 @@ class InferenceClient:
         )
         self._content_type_header = settings.content_type.value.encode()
         self._large_records = InFlightBytes(budget_bytes=settings.max_request_bytes)
+        self._submissions: OrderedDict[str, Submission] = OrderedDict()
 
     async def __aenter__(self) -> InferenceClient:
         await self.start()
@@ -137,6 +153,11 @@ class InferenceClient:
         large = size_bytes > BATCH_BYTES
         if large:
             await self._large_records.acquire(size_bytes)
+        submission = Submission(
+            result_topic=request.reply_to or self._topics.results(request.model),
+            submitted_ms=int(time.time() * 1000),
+            submitted_monotonic_s=time.monotonic(),
+        )
         try:
             future: asyncio.Future[object] = await self._producer.send(
                 self._topics.requests(request.model),
@@ -150,39 +171,125 @@ class InferenceClient:
             raise
         if large:
             future.add_done_callback(lambda _: self._large_records.release(size_bytes))
+        self._remember(request.id, submission)
         return future
 
     async def results(
         self, request_ids: Sequence[str], *, timeout_s: float
     ) -> dict[str, InferenceResult]:
-        """Wait for the results of ``request_ids`` in Redis; raise ResultTimeoutError if late."""
-        waiting = list(dict.fromkeys(request_ids))
+        """Wait for the results of ``request_ids``; raise ResultTimeoutError if late.
+
+        Results are read from Redis. For a request this client submitted whose result has been
+        missing from Redis for `result_topic_fallback_s`, it is also looked for on its result
+        topic, from the request's submit time on (Redis loses results on a restart without
+        persistence, and when their TTL ends). An unreachable Redis is polled again until the
+        timeout, since the topic may still answer.
+        """
+        waiting: dict[str, None] = dict.fromkeys(request_ids)
         found: dict[str, InferenceResult] = {}
         deadline = time.monotonic() + timeout_s
         interval_s = self._settings.result_poll_interval_ms / 1000
-        chunk = 10_000
-        while waiting:
-            still: list[str] = []
-            for start in range(0, len(waiting), chunk):
-                ids = waiting[start : start + chunk]
-                values = await self._redis.mget([self._topics.result_key(i) for i in ids])
-                for request_id, value in zip(ids, values, strict=True):
-                    if value is None:
-                        still.append(request_id)
-                    else:
-                        raw = value if isinstance(value, bytes) else value.encode()
-                        found[request_id] = decode_result(raw, _sniff(raw))
-            waiting = still
-            if waiting:
+        fallback: asyncio.Task[None] | None = None
+        redis_error: Exception | None = None
+        try:
+            while True:
+                try:
+                    await self._results_from_redis(waiting, found)
+                    redis_error = None
+                except (RedisConnectionError, RedisTimeoutError) as error:
+                    redis_error = error
+                if not waiting:
+                    break
+                if fallback is None:
+                    submissions = {
+                        i: s for i in waiting if (s := self._submissions.get(i)) is not None
+                    }
+                    fallback = asyncio.create_task(
+                        self._results_from_topics(waiting, found, submissions)
+                    )
+                elif fallback.done():
+                    fallback.result()  # raises what broke the fallback, if anything
                 if time.monotonic() >= deadline:
-                    raise ResultTimeoutError(waiting, timeout_s)
+                    raise ResultTimeoutError(list(waiting), timeout_s) from redis_error
                 await asyncio.sleep(interval_s)
+        finally:
+            if fallback is not None:
+                fallback.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fallback
+        for request_id in found:
+            self._submissions.pop(request_id, None)
         return found
 
     async def infer(self, request: InferenceRequest, *, timeout_s: float = 30.0) -> InferenceResult:
         """Publish one request and wait for its result."""
         await self.submit(request)
         return (await self.results([request.id], timeout_s=timeout_s))[request.id]
+
+    def _remember(self, request_id: str, submission: Submission) -> None:
+        """Keep where and when ``request_id`` was submitted, forgetting the oldest past the cap."""
+        self._submissions[request_id] = submission
+        self._submissions.move_to_end(request_id)
+        while len(self._submissions) > REMEMBERED_SUBMISSIONS:
+            self._submissions.popitem(last=False)
+
+    async def _results_from_redis(
+        self, waiting: dict[str, None], found: dict[str, InferenceResult]
+    ) -> None:
+        """Move every id of ``waiting`` whose result Redis holds into ``found``."""
+        chunk = 10_000
+        ids = list(waiting)
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            values = await self._redis.mget([self._topics.result_key(i) for i in part])
+            for request_id, value in zip(part, values, strict=True):
+                if value is not None and request_id in waiting:
+                    raw = value if isinstance(value, bytes) else value.encode()
+                    found[request_id] = decode_result(raw, _sniff(raw))
+                    del waiting[request_id]
+
+    async def _results_from_topics(
+        self,
+        waiting: dict[str, None],
+        found: dict[str, InferenceResult],
+        submissions: dict[str, Submission],
+    ) -> None:
+        """Move ids of ``waiting`` into ``found`` from their result topics once overdue.
+
+        ``submissions``: where and when the ids of ``waiting`` that this client sent went.
+        A result read from a topic is held until its request has been waiting for
+        `result_topic_fallback_s`: until then Redis, written first, has the final word (the
+        topic may carry a small stand-in for a result too large for Kafka).
+        """
+        if not submissions:
+            return
+        fallback_s = self._settings.result_topic_fallback_s
+        first_due = min(s.submitted_monotonic_s for s in submissions.values()) + fallback_s
+        await asyncio.sleep(max(0.0, first_due - time.monotonic()))
+        held: dict[str, InferenceResult] = {}
+        while pending := {i: s for i, s in submissions.items() if i in waiting}:
+            try:
+                async with ResultTopicScan(
+                    kafka=self._settings.kafka,
+                    submissions=pending,
+                    partitions_for=self._producer.partitions_for,
+                ) as scan:
+                    while pending:
+                        for request_id, result in (
+                            await scan.read(pending, timeout_ms=SCAN_POLL_MS)
+                        ).items():
+                            held.setdefault(request_id, result)
+                        now = time.monotonic()
+                        for request_id in list(held):
+                            if request_id not in waiting:
+                                del held[request_id]  # Redis answered first
+                            elif now - submissions[request_id].submitted_monotonic_s >= fallback_s:
+                                found[request_id] = held.pop(request_id)
+                                del waiting[request_id]
+                        pending = {i: s for i, s in pending.items() if i in waiting}
+            except KafkaError as error:
+                log.warning("result topic scan failed, retrying: %r", error)
+                await asyncio.sleep(SCAN_RETRY_S)
 
 
 def _sniff(value: bytes) -> ContentType:

@@ -35,3 +35,9 @@ class ProducerSettings(BaseSettings):
     result_poll_interval_ms: int = Field(
         default=5, ge=1, description="How often a waiting client polls Redis for its result."
     )
+    result_topic_fallback_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a submitted request's result may be missing from Redis before "
+        "the client also looks for it on its result topic, seconds.",
+    )
