@@ -73,7 +73,9 @@ class TopicCatalog:
         self._topics.pop(topic, None)
 
     async def _read(self, topic: str) -> int | None:
-        resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs={MAX_MESSAGE_BYTES: None})
+        resource = ConfigResource(
+            ConfigResourceType.TOPIC, topic, configs={MAX_MESSAGE_BYTES: None}
+        )
         responses = await self._admin.describe_configs([resource])
         for response in responses:
             for error_code, message, _type, name, entries in _resources(response):

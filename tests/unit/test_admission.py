@@ -18,13 +18,13 @@ from workers.admission import Admission, PendingRequest
 from workers.answers import Answers
 from workers.example_models import write_example_models, write_model
 from workers.metrics import Outcome
-from workers.records import Answer, RecordSource
 from workers.models import (
     DirectoryModelRepository,
     ModelConfig,
     TensorSpec,
     torchscript_deprecation_silenced,
 )
+from workers.records import Answer, RecordSource
 
 TOPICS = TopicNames(prefix="unit")
 REPLY_PREFIXES = ("unit.replies.",)
