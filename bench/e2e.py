@@ -139,6 +139,11 @@ class Report:
     ratios: dict[str, float] = field(default_factory=dict)
 
 
+INFERQ_KEYS_PER_ANSWER = 2
+"""A worker stores each result beside its request's digest (`TopicNames.result_key` and
+`digest_key`); the peers store the result alone."""
+
+
 def machine_facts() -> dict[str, Any]:
     model_name = ""
     with contextlib.suppress(OSError):
@@ -258,6 +263,10 @@ class Bench:
             "--group", f"peer-{uuid.uuid4().hex[:8]}", "--threads", str(self.threads), *extra,
         ]  # fmt: skip
 
+    async def answered(self, keys_per_answer: int) -> int:
+        """Answers in Redis so far: each run writes into a freshly flushed database."""
+        return int(await self.redis.dbsize()) // keys_per_answer
+
     async def drain(
         self,
         name: str,
@@ -266,6 +275,7 @@ class Bench:
         env: dict[str, str] | None,
         expected: int,
         cap_s: float,
+        keys_per_answer: int = 1,
     ) -> Drain:
         """Run ``command`` until ``expected`` results are in Redis (or ``cap_s`` passes)."""
         await self.redis.flushdb()
@@ -283,7 +293,7 @@ class Bench:
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited with {process.returncode}; see {log.name}")
                 await asyncio.sleep(0.02)
-                answered = int(await self.redis.dbsize())
+                answered = await self.answered(keys_per_answer)
                 if answered and first_at is None:
                     first_at, first_count = time.perf_counter(), answered
             finished = time.perf_counter()
@@ -408,9 +418,9 @@ class Bench:
 
     async def _wait_results(self, expected: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while int(await self.redis.dbsize()) < expected:
+        while (answered := await self.answered(INFERQ_KEYS_PER_ANSWER)) < expected:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {await self.redis.dbsize()} of {expected} results")
+                raise TimeoutError(f"only {answered} of {expected} results")
             await asyncio.sleep(0.05)
 
     async def _read_latencies(
@@ -497,6 +507,7 @@ async def run_scenario(
                 env=env,
                 expected=scenario.count,
                 cap_s=900,
+                keys_per_answer=INFERQ_KEYS_PER_ANSWER,
             )
         )
     if peers:
