@@ -19,7 +19,7 @@ from workers.settings import WorkerSettings
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def test_the_supervising_process_does_not_import_torch() -> None:
+def test_the_supervising_process_imports_neither_torch_nor_numpy() -> None:
     # A fresh interpreter runs the CLI up to the point where it would start the children.
     script = "\n".join(
         [
@@ -28,7 +28,7 @@ def test_the_supervising_process_does_not_import_torch() -> None:
             "workers.supervisor.Supervisor.run = lambda self: 0",
             "import workers.cli",
             "assert workers.cli.main([]) == 0",
-            "print('torch' in sys.modules)",
+            "print('torch' in sys.modules, 'numpy' in sys.modules)",
         ]
     )
     env = {**os.environ, "INFERQ_LOG_JSON": "true"}
@@ -42,7 +42,7 @@ def test_the_supervising_process_does_not_import_torch() -> None:
         check=False,
     )
     assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.split() == ["False"], "the supervisor imported torch"
+    assert finished.stdout.split() == ["False", "False"], "the supervisor imported torch/numpy"
 
 
 # --- static member ids --------------------------------------------------------------------
