@@ -13,26 +13,19 @@ from typing import Any
 
 import numpy as np
 import structlog
-import torch
 from numpy.typing import NDArray
 
-from schemas.codec import (
-    CodecLimits,
-    ContentType,
-    content_type_of,
-    decode_request,
-    encode_success,
-)
+from schemas.codec import CodecLimits, ContentType, content_type_of, decode_request
 from schemas.errors import ErrorCode, SchemaError
-from schemas.messages import InferenceRequest, Timing, now_ms
-from schemas.tensors import Datatype, Tensor
+from schemas.messages import InferenceRequest
+from schemas.tensors import Tensor
 from schemas.topics import TopicNames
-from workers.answers import Addressee, Answers
+from workers.answers import Answers
 from workers.errors import WorkerError
+from workers.fastpath import FastReader, PlainRequest
 from workers.fingerprint import record_digest, request_digest
 from workers.models import InputSignature, LoadedModel, ModelRepository
-from workers.records import Answer, RecordSource
-from workers.runner import RequestFailed, RequestOutcome
+from workers.records import Addressee, Answer, BatchKey, PendingRequest, RecordSource
 
 Headers = Sequence[tuple[str, bytes]]
 log = structlog.get_logger(__name__)
@@ -40,40 +33,9 @@ log = structlog.get_logger(__name__)
 __all__ = ["Admission", "Answer", "BatchKey", "PendingRequest", "RecordSource", "batch_key"]
 
 
-@dataclass(frozen=True, slots=True)
-class BatchKey:
-    """Requests batch together only with the same model version and per-row input shapes."""
-
-    model: str
-    version: int
-    signature: tuple[InputSignature, ...]
-    """Each input's name, datatype and shape without the batch dimension."""
-
-
-@dataclass(slots=True)
-class PendingRequest:
-    """A valid request waiting in the batcher."""
-
-    request: InferenceRequest
-    to: Addressee
-    model: LoadedModel
-    tensors: dict[str, torch.Tensor]
-    rows: int
-    received_at: float
-    """Monotonic seconds at receipt (the batcher's clock)."""
-    received_ms: int
-    """Unix milliseconds at receipt (for the result's queue time)."""
-    key: BatchKey
-
-    @property
-    def source(self) -> RecordSource:
-        """Where the request was read."""
-        return self.to.source
-
-
-def batch_key(model: LoadedModel, inputs: Sequence[Tensor]) -> BatchKey:
+def batch_key(model: LoadedModel, inputs: Sequence[InputSignature]) -> BatchKey:
     """The key of the batch a request joins: its model version and per-row input shapes."""
-    signature = tuple(sorted(InputSignature(t.name, t.datatype.value, t.shape[1:]) for t in inputs))
+    signature = tuple(sorted(InputSignature(s.name, s.datatype, s.shape[1:]) for s in inputs))
     return BatchKey(model.name, model.version, signature)
 
 
@@ -86,8 +48,13 @@ class Admission:
     limits: CodecLimits
     reply_topic_prefixes: Sequence[str]
     """A request's `reply_to` must start with one of these (and name no reserved topic)."""
-    accepted: set[BatchKey] = field(default_factory=set)
-    """Signatures that passed the model's checks once: later requests skip them."""
+    fast: FastReader = field(init=False)
+    """The fast path for plain msgpack requests."""
+    _keys: dict[tuple[str, int], BatchKey] = field(init=False, default_factory=dict)
+    """Each model version's batch key for requests of its exact signature."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fast", FastReader(limits=self.limits))
 
     @property
     def topics(self) -> TopicNames:
@@ -131,6 +98,10 @@ class Admission:
         received_ms: int,
     ) -> PendingRequest | Answer:
         topic_model = self.topics.model_of_request_topic(source.topic) or "unknown"
+        if value is not None and (not headers or _names_msgpack(headers)):
+            plain = self.fast.read(value, self._served)
+            if plain is not None:
+                return self._admit_plain(plain, source, topic_model, received_at, received_ms)
         try:
             content_type = content_type_of(headers)
             request = decode_request(value or b"", content_type, limits=self.limits)
@@ -152,23 +123,68 @@ class Admission:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
         try:
             model = self.repository.get(request.model, request.version)
-            signature = batch_key(model, request.inputs)
-            tensors = {tensor.name: tensor.to_torch() for tensor in request.inputs}
-            rows = self._rows(model, signature, request.inputs, tensors)
+            signatures = [InputSignature(t.name, t.datatype.value, t.shape) for t in request.inputs]
+            rows = model.check_inputs(signatures)
         except WorkerError as error:
             return self.answers.failed(to, error.code, error.message, version=request.version)
         if request.deadline_ms is not None and request.deadline_ms <= received_ms:
             return self.answers.expired(to, deadline_ms=request.deadline_ms, version=model.version)
         return PendingRequest(
-            request=request,
             to=to,
             model=model,
-            tensors=tensors,
+            key=batch_key(model, signatures),
+            inputs=_inputs_in_model_order(model, request),
             rows=rows,
             received_at=received_at,
             received_ms=received_ms,
-            key=signature,
+            created_ms=request.created_ms,
+            deadline_ms=request.deadline_ms,
+            priority=request.priority,
         )
+
+    def _admit_plain(
+        self,
+        plain: PlainRequest,
+        source: RecordSource,
+        topic_model: str,
+        received_at: float,
+        received_ms: int,
+    ) -> PendingRequest | Answer:
+        model = plain.model
+        to, refusal = self._addressee(
+            source, plain.request_id, model.name, plain.reply_to, ContentType.MSGPACK,
+            plain.digest, topic_model,
+        )  # fmt: skip
+        if refusal is not None:
+            return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
+        deadline_ms = plain.deadline_ms
+        if deadline_ms is not None and deadline_ms <= received_ms:
+            return self.answers.expired(to, deadline_ms=deadline_ms, version=model.version)
+        key = self._keys.get((model.name, model.version))
+        if key is None:
+            signatures = [
+                InputSignature(spec.name, spec.datatype, (1, *spec.shape))
+                for spec in model.config.inputs
+            ]
+            key = self._keys[(model.name, model.version)] = batch_key(model, signatures)
+        return PendingRequest(
+            to=to,
+            model=model,
+            key=key,
+            inputs=plain.inputs,
+            rows=plain.rows,
+            received_at=received_at,
+            received_ms=received_ms,
+            created_ms=plain.created_ms,
+            deadline_ms=deadline_ms,
+            priority=plain.priority,
+        )
+
+    def _served(self, name: str, version: int | None) -> LoadedModel | None:
+        try:
+            return self.repository.get(name, version)
+        except WorkerError:
+            return None
 
     def _addressee(
         self,
@@ -203,46 +219,12 @@ class Admission:
             return f"reply_to: {reply_to!r} is not an allowed reply topic (allowed: {allowed})"
         return None
 
-    def _rows(
-        self,
-        model: LoadedModel,
-        key: BatchKey,
-        inputs: Sequence[Tensor],
-        tensors: dict[str, torch.Tensor],
-    ) -> int:
-        """The request's batch rows, checking its inputs against the model on first sight."""
-        if key in self.accepted and all(tensor.shape for tensor in inputs):
-            rows = {tensor.shape[0] for tensor in inputs}
-            (count,) = rows if len(rows) == 1 else (0,)
-            if count >= 1:
-                return count
-        count = model.check_tensors(tensors)
-        self.accepted.add(key)
-        return count
 
-    def outcome(self, pending: PendingRequest, result: RequestOutcome, timing: Timing) -> Answer:
-        """The answer of a request that ran: its outputs, or the error the runner gave it."""
-        model = pending.model
-        if isinstance(result, RequestFailed):
-            return self.answers.failed(
-                pending.to, result.error.code, result.error.message,
-                version=model.version, timing=timing,
-            )  # fmt: skip
-        outputs = []
-        for spec, tensor in zip(model.config.outputs, result.outputs, strict=True):
-            datatype = Datatype(spec.datatype)
-            outputs.append((spec.name, datatype, _wire_array(tensor, datatype)))
-        value = encode_success(
-            request_id=pending.request.id,
-            model=model.name,
-            version=model.version,
-            outputs=outputs,
-            timing=timing,
-            worker=self.answers.worker_id,
-            created_ms=now_ms(),
-            content_type=pending.to.content_type,
-        )
-        return self.answers.ok(pending.to, value)
+def _names_msgpack(headers: Headers) -> bool:
+    try:
+        return content_type_of(headers) is ContentType.MSGPACK
+    except SchemaError:
+        return False
 
 
 def _content_type_or_default(headers: Headers) -> ContentType:
@@ -252,9 +234,9 @@ def _content_type_or_default(headers: Headers) -> ContentType:
         return ContentType.MSGPACK
 
 
-def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
-    """A CPU output tensor as the array the wire carries (BF16 as its raw uint16 bits)."""
-    if datatype is Datatype.BF16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    array: NDArray[Any] = tensor.numpy()
-    return array
+def _inputs_in_model_order(
+    model: LoadedModel, request: InferenceRequest
+) -> tuple[NDArray[Any], ...]:
+    """A decoded request's input arrays in `config.inputs` order, each C-contiguous."""
+    by_name: dict[str, Tensor] = {tensor.name: tensor for tensor in request.inputs}
+    return tuple(np.ascontiguousarray(by_name[spec.name].data) for spec in model.config.inputs)

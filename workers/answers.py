@@ -7,10 +7,13 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from schemas.codec import ContentType, encode_result
+from numpy.typing import NDArray
+
+from schemas.codec import encode_result, encode_success
 from schemas.errors import ErrorCode
-from schemas.messages import InferenceResult, Timing
+from schemas.messages import InferenceResult, Timing, now_ms
 from schemas.topics import (
     HEADER_CONTENT_TYPE,
     HEADER_ERROR_CODE,
@@ -22,39 +25,10 @@ from schemas.topics import (
     TopicNames,
 )
 from workers.metrics import Outcome
-from workers.records import Answer, RecordSource
+from workers.records import Addressee, Answer, PendingRequest, RecordSource
 
 Headers = Sequence[tuple[str, bytes]]
 MAX_ERROR_MESSAGE_BYTES = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class Addressee:
-    """Everything an answer to one request needs: who asked, in which encoding, and where
-    the result goes (resolved once, at admission)."""
-
-    source: RecordSource
-    request_id: str
-    model: str
-    topic: str
-    content_type: ContentType
-    digest: bytes
-    fallback_topic: str | None = None
-    """The model's results topic when ``topic`` is the request's `reply_to`."""
-
-    @classmethod
-    def of(cls, answer: Answer) -> Addressee:
-        """The addressee of an existing result answer."""
-        assert answer.request_id is not None, "a dead letter has no addressee"
-        return cls(
-            source=answer.source,
-            request_id=answer.request_id,
-            model=answer.model,
-            topic=answer.topic,
-            content_type=answer.content_type,
-            digest=answer.digest,
-            fallback_topic=answer.fallback_topic,
-        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,6 +46,28 @@ class Answers:
     def ok(self, to: Addressee, value: bytes) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""
         return self._answer(to, value, Outcome.OK, "", cache=True)
+
+    def succeeded(
+        self, pending: PendingRequest, outputs: Sequence[NDArray[Any]], timing: Timing
+    ) -> Answer:
+        """The ok answer of a request that ran: its rows of each output, in config order."""
+        model = pending.model
+        value = encode_success(
+            request_id=pending.to.request_id,
+            model=model.name,
+            version=model.version,
+            outputs=[
+                (spec.name, datatype, array)
+                for spec, datatype, array in zip(
+                    model.config.outputs, model.output_datatypes, outputs, strict=True
+                )
+            ],
+            timing=timing,
+            worker=self.worker_id,
+            created_ms=now_ms(),
+            content_type=pending.to.content_type,
+        )
+        return self.ok(pending.to, value)
 
     def failed(
         self,

@@ -9,6 +9,9 @@ of its oldest queued request plus the key's `max_batch_delay_ms`. Among the keys
 goes before a partial one, then the key that was queued first. This bounds every request's wait
 without letting a busy key that is always full starve a quiet key whose request has waited its
 delay; a full key is still popped as soon as no key with an earlier deadline is due.
+
+Within a key, a batch takes requests of higher `priority` first and, within a priority, the
+oldest first; the key's deadline still follows its oldest request, whatever its priority.
 """
 
 from __future__ import annotations
@@ -67,44 +70,68 @@ class _Entry(Generic[T]):
     item: T
     rows: int
     received_at: float
+    priority: int
+
+
+class _Lane(Generic[T]):
+    """FIFO of one priority within a key, with its minimum receipt time kept in O(1)."""
+
+    __slots__ = ("entries", "minima")
+
+    def __init__(self) -> None:
+        self.entries: deque[_Entry[T]] = deque()
+        # Entries with non-decreasing received_at, a subsequence of entries: its front is the
+        # oldest entry even when the caller adds requests slightly out of receipt order.
+        self.minima: deque[_Entry[T]] = deque()
+
+    def push(self, entry: _Entry[T]) -> None:
+        self.entries.append(entry)
+        while self.minima and self.minima[-1].received_at > entry.received_at:
+            self.minima.pop()
+        self.minima.append(entry)
+
+    def popleft(self) -> _Entry[T]:
+        entry = self.entries.popleft()
+        if self.minima[0] is entry:
+            self.minima.popleft()
+        return entry
 
 
 class _KeyQueue(Generic[T]):
-    """FIFO of one key with its row count and the minimum receipt time kept in O(1)."""
+    """The queued requests of one key: a FIFO lane per priority, higher priorities first."""
 
-    __slots__ = ("_entries", "_minima", "policy", "rows")
+    __slots__ = ("_lanes", "_length", "policy", "rows")
 
     def __init__(self, policy: BatchPolicy) -> None:
         self.policy = policy
         self.rows = 0
-        self._entries: deque[_Entry[T]] = deque()
-        # Entries with non-decreasing received_at, a subsequence of _entries: its front is the
-        # oldest entry even when the caller adds requests slightly out of receipt order.
-        self._minima: deque[_Entry[T]] = deque()
+        self._length = 0
+        self._lanes: dict[int, _Lane[T]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._length
 
     def push(self, entry: _Entry[T]) -> None:
-        self._entries.append(entry)
+        lane = self._lanes.get(entry.priority)
+        if lane is None:
+            lane = self._lanes[entry.priority] = _Lane()
+        lane.push(entry)
         self.rows += entry.rows
-        while self._minima and self._minima[-1].received_at > entry.received_at:
-            self._minima.pop()
-        self._minima.append(entry)
-
-    def popleft(self) -> _Entry[T]:
-        entry = self._entries.popleft()
-        self.rows -= entry.rows
-        if self._minima[0] is entry:
-            self._minima.popleft()
-        return entry
+        self._length += 1
 
     def entries(self) -> tuple[_Entry[T], ...]:
-        return tuple(self._entries)
+        """Every entry, in dispatch order: by priority (highest first), then FIFO."""
+        return tuple(entry for _, lane in self._by_priority() for entry in lane.entries)
+
+    def _by_priority(self) -> list[tuple[int, _Lane[T]]]:
+        lanes = self._lanes
+        if len(lanes) == 1:
+            return list(lanes.items())
+        return sorted(lanes.items(), key=lambda item: -item[0])
 
     @property
     def oldest_received_at(self) -> float:
-        return self._minima[0].received_at
+        return min(lane.minima[0].received_at for lane in self._lanes.values())
 
     @property
     def full(self) -> bool:
@@ -115,17 +142,25 @@ class _KeyQueue(Generic[T]):
         return self.oldest_received_at + self.policy.max_batch_delay_s
 
     def take_batch(self, key: K) -> Batch[K, T]:
-        """Remove the front items whose rows fit in one batch (an oversize front item alone)."""
-        first = self.popleft()
-        items = [first.item]
-        rows = first.rows
-        oldest = first.received_at
+        """Remove the entries that come first (highest priority, then oldest) while their rows
+        fit in one batch; a first entry larger than the batch goes alone."""
+        items: list[T] = []
+        rows = 0
+        oldest = math.inf
         limit = self.policy.max_batch_size
-        while self._entries and rows + self._entries[0].rows <= limit:
-            entry = self.popleft()
-            items.append(entry.item)
-            rows += entry.rows
-            oldest = min(oldest, entry.received_at)
+        for priority, lane in self._by_priority():
+            entries = lane.entries
+            while entries and (not items or rows + entries[0].rows <= limit):
+                entry = lane.popleft()
+                items.append(entry.item)
+                rows += entry.rows
+                oldest = min(oldest, entry.received_at)
+            if not entries:
+                del self._lanes[priority]
+            else:
+                break  # the next entry does not fit; lower priorities wait behind it
+        self.rows -= rows
+        self._length -= len(items)
         return Batch(key=key, items=tuple(items), rows=rows, oldest_received_at=oldest)
 
 
@@ -164,12 +199,14 @@ class Batcher(Generic[K, T]):
         """Keys with queued requests, in the order their queues were created."""
         return tuple(self._queues)
 
-    def add(self, key: K, item: T, *, rows: int, received_at: float) -> None:
+    def add(self, key: K, item: T, *, rows: int, received_at: float, priority: int = 0) -> None:
         """Queue `item` under `key`.
 
         rows: the item's own batch dimension, >= 1.
         received_at: monotonic seconds at which the request was received; the batching delay
             is measured from it.
+        priority: within the key, items of a higher priority go into batches first; equal
+            priorities keep their order.
         """
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an int >= 1, got {rows!r}")
@@ -179,7 +216,7 @@ class Batcher(Generic[K, T]):
         if queue is None:
             queue = _KeyQueue(self._policy_for(key))
             self._queues[key] = queue
-        queue.push(_Entry(item=item, rows=rows, received_at=received_at))
+        queue.push(_Entry(item=item, rows=rows, received_at=received_at, priority=priority))
         self._items += 1
         self._rows += rows
 

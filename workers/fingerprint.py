@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,16 +21,40 @@ DIGEST_BYTES = 16
 
 def request_digest(request: InferenceRequest) -> bytes:
     """The digest of what ``request`` asks: model, version, inputs and parameters."""
+    return digest_of(
+        model=request.model,
+        version=request.version,
+        inputs=[
+            (tensor.name, tensor.datatype.value, tensor.shape,
+             np.ascontiguousarray(tensor.data).data.cast("B"))
+            for tensor in request.inputs
+        ],
+        parameters=request.parameters,
+    )  # fmt: skip
+
+
+def digest_of(
+    *,
+    model: str,
+    version: int | None,
+    inputs: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]],
+    parameters: Mapping[str, object],
+) -> bytes:
+    """`request_digest` from a request's parts: inputs as (name, datatype, shape, raw bytes).
+
+    The worker's fast path reads requests without building an `InferenceRequest`; both
+    paths must give one request the same digest, so both come here.
+    """
     h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"inferq-request")
-    _field(h, request.model.encode())
-    _field(h, b"" if request.version is None else str(request.version).encode())
-    for tensor in sorted(request.inputs, key=lambda t: t.name):
-        _field(h, tensor.name.encode())
-        _field(h, tensor.datatype.value.encode())
-        _field(h, ",".join(map(str, tensor.shape)).encode())
-        _field(h, np.ascontiguousarray(tensor.data).data.cast("B"))
-    for name in sorted(request.parameters):
-        value = request.parameters[name]
+    _field(h, model.encode())
+    _field(h, b"" if version is None else str(version).encode())
+    for name, datatype, shape, data in sorted(inputs, key=lambda part: part[0]):
+        _field(h, name.encode())
+        _field(h, datatype.encode())
+        _field(h, ",".join(map(str, shape)).encode())
+        _field(h, data)
+    for name in sorted(parameters):
+        value = parameters[name]
         _field(h, name.encode())
         _field(h, f"{type(value).__name__}:{value!r}".encode())
     return h.digest()

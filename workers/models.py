@@ -8,7 +8,7 @@ import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, NamedTuple, Protocol
 
@@ -17,6 +17,7 @@ import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.tensors import Datatype
 from workers.errors import (
     DtypeMismatchError,
     InferenceFailedError,
@@ -175,11 +176,19 @@ class LoadedModel:
     """A TorchScript module in production; any module taking the inputs positionally works."""
     device: torch.device
 
+    input_datatypes: tuple[Datatype, ...] = field(init=False, repr=False, compare=False)
+    """The wire datatype of each input, in `config.inputs` order."""
+    output_datatypes: tuple[Datatype, ...] = field(init=False, repr=False, compare=False)
+    """The wire datatype of each output, in `config.outputs` order."""
+
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model name must not be empty")
         if self.version < 1:
             raise ValueError(f"model version must be a positive int, got {self.version}")
+        for name, specs in (("input", self.config.inputs), ("output", self.config.outputs)):
+            datatypes = tuple(Datatype(spec.datatype) for spec in specs)
+            object.__setattr__(self, f"{name}_datatypes", datatypes)
 
     @property
     def label(self) -> str:

@@ -5,7 +5,13 @@ Records are tracked when consumed and completed when their result is durably wri
 completions arrive out of order. A partition's commit offset is one past the highest offset
 such that it and every earlier tracked offset of the partition are complete, so a commit never
 skips a record whose result is not yet written. Tracked offsets need not be contiguous
-(compaction and transaction markers leave gaps). Every operation is O(1) amortised.
+(compaction and transaction markers leave gaps). Every operation is O(1) amortised per record.
+
+Each assignment of a partition gets its own `PartitionOffsets`, the one owner of that
+partition's consumed offsets, much as aiokafka's `TopicPartitionState` owns a partition's
+position. Tracking returns it as a lease that travels with each request; revoking the
+partition ends the lease as one operation, after which the lease's requests neither count as
+in flight nor complete anything, even if the partition comes back in a later assignment.
 """
 
 from __future__ import annotations
@@ -45,18 +51,31 @@ class OffsetOrderError(OffsetTrackingError):
         )
 
 
-class _PartitionState:
-    """Tracked offsets of one partition that are not yet past its watermark."""
+class PartitionOffsets(Generic[P]):
+    """One assignment of one partition: its tracked offsets not yet past the watermark.
 
-    __slots__ = ("committed", "done", "last_tracked", "order", "tracked", "watermark")
+    Created and changed only by `OffsetTracker`; requests hold it as their lease.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("committed", "done", "last_tracked", "order", "partition", "revoked",
+                 "tracked", "watermark")  # fmt: skip
+
+    def __init__(self, partition: P) -> None:
+        self.partition = partition
         self.order: deque[int] = deque()
         self.tracked: set[int] = set()
         self.done: set[int] = set()
         self.last_tracked: int | None = None
         self.watermark: int | None = None
+        """Commit offset: the next unfinished offset; None before any progress."""
         self.committed: int | None = None
+        self.revoked = False
+        """The partition was revoked: this lease's requests are someone else's now."""
+
+    @property
+    def in_flight(self) -> int:
+        """Tracked records whose completion has not been reported."""
+        return len(self.order) - len(self.done)
 
 
 class OffsetTracker(Generic[P]):
@@ -64,7 +83,7 @@ class OffsetTracker(Generic[P]):
 
     def __init__(self) -> None:
         """Create a tracker with no partitions."""
-        self._partitions: dict[P, _PartitionState] = {}
+        self._partitions: dict[P, PartitionOffsets[P]] = {}
         self._in_flight = 0
 
     @property
@@ -73,46 +92,71 @@ class OffsetTracker(Generic[P]):
         return self._in_flight
 
     def tracks(self, partition: P) -> bool:
-        """Whether `partition` has state here (tracked since creation or its last `forget`)."""
+        """Whether `partition` has a live lease (tracked since assignment or revocation)."""
         return partition in self._partitions
 
-    def track(self, partition: P, offset: int) -> None:
-        """Record that the record at `offset` of `partition` was consumed.
+    def lease(self, partition: P) -> PartitionOffsets[P]:
+        """The live lease of `partition`; raises KeyError when it has none."""
+        return self._partitions[partition]
+
+    def track(self, partition: P, offset: int) -> PartitionOffsets[P]:
+        """Record that the record at `offset` of `partition` was consumed; return its lease.
 
         Offsets must increase per partition; raises `OffsetOrderError` otherwise.
         """
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset!r}")
+        return self.track_many(partition, (offset,))
+
+    def track_many(self, partition: P, offsets: Iterable[int]) -> PartitionOffsets[P]:
+        """`track` for a poll's increasing offsets of one partition, in one call."""
         state = self._partitions.get(partition)
         if state is None:
-            state = _PartitionState()
-            self._partitions[partition] = state
-        elif state.last_tracked is not None and offset <= state.last_tracked:
-            raise OffsetOrderError(
-                partition=partition, offset=offset, last_tracked=state.last_tracked
-            )
-        state.order.append(offset)
-        state.tracked.add(offset)
-        state.last_tracked = offset
-        self._in_flight += 1
+            state = self._partitions[partition] = PartitionOffsets(partition)
+        last = state.last_tracked
+        added = list(offsets)
+        for offset in added:
+            if offset < 0:
+                raise ValueError(f"offset must be >= 0, got {offset!r}")
+            if last is not None and offset <= last:
+                raise OffsetOrderError(partition=partition, offset=offset, last_tracked=last)
+            last = offset
+        state.order.extend(added)
+        state.tracked.update(added)
+        state.last_tracked = last
+        self._in_flight += len(added)
+        return state
 
-    def complete(self, partition: P, offset: int) -> None:
-        """Record that the result of the record at `offset` of `partition` is durably written.
+    def complete(self, lease: PartitionOffsets[P], offset: int) -> bool:
+        """Record that the result of the record at `offset` is durably written.
 
-        Raises `UntrackedOffsetError` when the offset is not tracked (never tracked, its
-        partition forgotten since) or was completed already.
+        Returns False, changing nothing, when the lease was revoked: the partition's new
+        owner answers and commits it. Raises `UntrackedOffsetError` when the offset is not
+        tracked under the lease or was completed already.
         """
-        state = self._partitions.get(partition)
-        if state is None or offset not in state.tracked or offset in state.done:
-            raise UntrackedOffsetError(partition=partition, offset=offset)
-        state.done.add(offset)
+        if lease.revoked:
+            return False
+        if offset not in lease.tracked or offset in lease.done:
+            raise UntrackedOffsetError(partition=lease.partition, offset=offset)
+        lease.done.add(offset)
         self._in_flight -= 1
-        order = state.order
-        while order and order[0] in state.done:
+        order = lease.order
+        while order and order[0] in lease.done:
             finished = order.popleft()
-            state.tracked.discard(finished)
-            state.done.discard(finished)
-            state.watermark = finished + 1
+            lease.tracked.discard(finished)
+            lease.done.discard(finished)
+            lease.watermark = finished + 1
+        return True
+
+    def revoke(self, partitions: Iterable[P]) -> int:
+        """End the leases of `partitions` (given up in a rebalance); return the requests
+        of theirs still in flight, which are now dropped rather than answered."""
+        dropped = 0
+        for partition in partitions:
+            state = self._partitions.pop(partition, None)
+            if state is not None:
+                state.revoked = True
+                dropped += state.in_flight
+        self._in_flight -= dropped
+        return dropped
 
     def watermark(self, partition: P) -> int | None:
         """Commit offset of `partition` (its next unfinished offset); None before any progress."""
@@ -140,13 +184,6 @@ class OffsetTracker(Generic[P]):
                 continue
             if state.committed is None or offset > state.committed:
                 state.committed = offset
-
-    def forget(self, partitions: Iterable[P]) -> None:
-        """Drop all state of `partitions` (on revocation); later completions of theirs raise."""
-        for partition in partitions:
-            state = self._partitions.pop(partition, None)
-            if state is not None:
-                self._in_flight -= len(state.order) - len(state.done)
 
     def pending(self, partition: P | None = None) -> int:
         """Tracked records not yet behind the watermark, of `partition` or of all partitions.

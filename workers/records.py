@@ -1,19 +1,29 @@
-"""Where a request came from and what leaves the worker for it: `RecordSource` and `Answer`."""
+"""The worker's record types: where a request came from (`RecordSource`), who its answer
+goes to (`Addressee`), a request waiting to run (`PendingRequest`, under its `BatchKey`) and
+what leaves the worker for it (`Answer`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from numpy.typing import NDArray
 
 from schemas.codec import ContentType
 from workers.metrics import Outcome
+from workers.models import InputSignature, LoadedModel
+from workers.offsets import PartitionOffsets
 
 
 @dataclass(frozen=True, slots=True)
 class RecordSource:
     """Where a request came from: its partition (a ``TopicPartition``) and offset."""
 
-    partition: object
+    partition: Any
     offset: int
+    lease: PartitionOffsets[Any] | None = None
+    """The assignment of the partition the record was consumed under (None outside a worker):
+    its answer completes the offset there, unless the partition was revoked meanwhile."""
 
     @property
     def topic(self) -> str:
@@ -21,6 +31,71 @@ class RecordSource:
 
     def __str__(self) -> str:
         return f"{self.topic}/{getattr(self.partition, 'partition', '?')}/{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Addressee:
+    """Everything an answer to one request needs: who asked, in which encoding, and where
+    the result goes (resolved once, at admission)."""
+
+    source: RecordSource
+    request_id: str
+    model: str
+    topic: str
+    content_type: ContentType
+    digest: bytes
+    fallback_topic: str | None = None
+    """The model's results topic when ``topic`` is the request's `reply_to`."""
+
+    @classmethod
+    def of(cls, answer: Answer) -> Addressee:
+        """The addressee of an existing result answer."""
+        assert answer.request_id is not None, "a dead letter has no addressee"
+        return cls(
+            source=answer.source,
+            request_id=answer.request_id,
+            model=answer.model,
+            topic=answer.topic,
+            content_type=answer.content_type,
+            digest=answer.digest,
+            fallback_topic=answer.fallback_topic,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """Requests batch together only with the same model version and per-row input shapes."""
+
+    model: str
+    version: int
+    signature: tuple[InputSignature, ...]
+    """Each input's name, datatype and shape without the batch dimension."""
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class PendingRequest:
+    """A valid request waiting in the batcher: its inputs as arrays, nothing else decoded."""
+
+    to: Addressee
+    model: LoadedModel
+    key: BatchKey
+    inputs: tuple[NDArray[Any], ...]
+    """One C-contiguous array per model input, in `config.inputs` order, dim 0 its rows;
+    BF16 as its raw uint16 bits. Often a view on the consumed record's bytes."""
+    rows: int
+    received_at: float
+    """Monotonic seconds at receipt (the batcher's clock)."""
+    received_ms: int
+    """Unix milliseconds at receipt."""
+    created_ms: int | None = None
+    """The producer's `created_ms`: queue time is measured from it when present."""
+    deadline_ms: int | None = None
+    priority: int = 0
+
+    @property
+    def source(self) -> RecordSource:
+        """Where the request was read."""
+        return self.to.source
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,10 +43,10 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from redis.exceptions import RedisError, ResponseError
 
 from schemas.topics import TopicNames
-from workers.answers import Addressee, Answers
+from workers.answers import Answers
 from workers.catalog import TopicCatalog
 from workers.metrics import Sink, WorkerMetrics
-from workers.records import Answer
+from workers.records import Addressee, Answer
 
 log = structlog.get_logger(__name__)
 

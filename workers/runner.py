@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
+import numpy as np
 import structlog
 import torch
+from numpy.typing import NDArray
 
+from schemas.tensors import Datatype
 from workers.errors import (
     DeviceUnavailableError,
     InferenceFailedError,
@@ -27,11 +30,17 @@ MAX_ERROR_MESSAGE_CHARS = 1024
 """Longest model exception text carried into an InferenceFailedError message."""
 
 
+RequestInputs: TypeAlias = Sequence[NDArray[Any]]
+"""One request's inputs: an array per model input in `config.inputs` order, dim 0 its rows,
+already checked against the model (admission does); BF16 as its raw uint16 bits."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RequestSucceeded:
-    """A request's outputs: CPU, contiguous, in `config.outputs` order, its rows only."""
+    """A request's outputs: its rows of each output, in `config.outputs` order, as CPU
+    arrays of the wire's layout (BF16 as raw uint16 bits), views on the batch's output."""
 
-    outputs: tuple[torch.Tensor, ...]
+    outputs: tuple[NDArray[Any], ...]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,7 +67,7 @@ class BatchOutcome:
 @dataclass(frozen=True, slots=True)
 class _Request:
     index: int
-    tensors: Mapping[str, torch.Tensor]
+    inputs: RequestInputs
     rows: int
 
 
@@ -76,35 +85,19 @@ class BatchExecution:
     Synchronous and blocking: `ModelRunner` runs it on its thread; tests may call it directly.
     """
 
-    def __init__(self, *, model: LoadedModel, inputs_checked: bool = False) -> None:
-        """model: the loaded model the batch runs through, on `model.device`.
-
-        inputs_checked: the caller has already run `model.check_tensors` on every request
-        (the worker does at admission), so only the rows are read here.
-        """
+    def __init__(self, *, model: LoadedModel) -> None:
+        """model: the loaded model the batch runs through, on `model.device`."""
         self._model = model
         self._device = model.device
-        self._inputs_checked = inputs_checked
         self.forward_passes = 0
 
-    def run(self, requests: Sequence[Mapping[str, torch.Tensor]]) -> list[RequestOutcome]:
-        """One outcome per request (input name → CPU tensor whose dim 0 is its rows)."""
-        outcomes: list[RequestOutcome | None] = [None] * len(requests)
-        valid: list[_Request] = []
-        for index, tensors in enumerate(requests):
-            if self._inputs_checked:
-                valid.append(_Request(index, tensors, next(iter(tensors.values())).shape[0]))
-                continue
-            try:
-                rows = self._model.check_tensors(tensors)
-            except WorkerError as error:
-                outcomes[index] = RequestFailed(error=error)
-                continue
-            valid.append(_Request(index, tensors, rows))
+    def run(self, requests: Sequence[RequestInputs]) -> list[RequestOutcome]:
+        """One outcome per request, in request order."""
+        group = [
+            _Request(index, inputs, inputs[0].shape[0]) for index, inputs in enumerate(requests)
+        ]
         with torch.inference_mode():
-            for request, outcome in zip(valid, self._run_group(valid), strict=True):
-                outcomes[request.index] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
+            return self._run_group(group)
 
     def _run_group(self, group: Sequence[_Request]) -> list[RequestOutcome]:
         if not group:
@@ -161,33 +154,47 @@ class BatchExecution:
             version=self._model.version,
         )
 
-    def _forward(self, group: Sequence[_Request]) -> list[tuple[torch.Tensor, ...]]:
-        rows = [request.rows for request in group]
+    def _forward(self, group: Sequence[_Request]) -> list[tuple[NDArray[Any], ...]]:
+        rows = sum(request.rows for request in group)
         inputs = [
-            self._to_device([request.tensors[spec.name] for request in group])
-            for spec in self._model.config.inputs
+            self._to_device([request.inputs[position] for request in group], datatype)
+            for position, datatype in enumerate(self._model.input_datatypes)
         ]
         self.forward_passes += 1
         result = self._model.module(*inputs)
-        outputs = self._to_host(self._model.collect_outputs(result, rows=sum(rows)))
-        per_output = [torch.split(output, rows, dim=0) for output in outputs]
-        return [
-            tuple(part.contiguous() for part in parts) for parts in zip(*per_output, strict=True)
+        outputs = [
+            _wire_array(output, datatype)
+            for output, datatype in zip(
+                self._to_host(self._model.collect_outputs(result, rows=rows)),
+                self._model.output_datatypes,
+                strict=True,
+            )
         ]
+        per_request: list[tuple[NDArray[Any], ...]] = []
+        start = 0
+        for request in group:
+            stop = start + request.rows
+            per_request.append(tuple(output[start:stop] for output in outputs))
+            start = stop
+        return per_request
 
-    def _to_device(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _to_device(self, parts: Sequence[NDArray[Any]], datatype: Datatype) -> torch.Tensor:
         if self._device.type != "cuda":
-            stacked = parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
-            return stacked.to(self._device)
+            # One copy into a fresh (writable) array; torch shares its memory from there.
+            host = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
+            return _as_model_dtype(host, datatype)
         # Stack straight into pinned host memory so the host-to-device copy is asynchronous.
         rows = sum(part.shape[0] for part in parts)
-        pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
-        torch.cat(list(parts), dim=0, out=pinned)
-        return pinned.to(self._device, non_blocking=True)
+        first = parts[0]
+        pinned = torch.empty(
+            (rows, *first.shape[1:]), dtype=_storage_dtype(datatype), pin_memory=True
+        )
+        np.concatenate(parts, out=pinned.numpy().view(first.dtype))
+        return _as_model_dtype(pinned, datatype).to(self._device, non_blocking=True)
 
     def _to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._device.type != "cuda":
-            return [output.cpu() for output in outputs]
+            return [output.contiguous() for output in outputs]
         hosts = []
         for output in outputs:
             host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
@@ -198,14 +205,28 @@ class BatchExecution:
         return hosts
 
 
-def execute_batch(
-    model: LoadedModel,
-    requests: Sequence[Mapping[str, torch.Tensor]],
-    inputs_checked: bool = False,
-) -> BatchOutcome:
+def _storage_dtype(datatype: Datatype) -> torch.dtype:
+    """The torch dtype whose numpy view holds ``datatype``'s wire bytes (BF16: int16)."""
+    return torch.int16 if datatype is Datatype.BF16 else datatype.torch_dtype
+
+
+def _as_model_dtype(tensor: torch.Tensor, datatype: Datatype) -> torch.Tensor:
+    """The wire layout's tensor as the model takes it (BF16 bits reinterpreted)."""
+    return tensor.view(torch.bfloat16) if datatype is Datatype.BF16 else tensor
+
+
+def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
+    """A CPU output tensor as the array the wire carries (BF16 as its raw uint16 bits)."""
+    if datatype is Datatype.BF16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    array: NDArray[Any] = tensor.numpy()
+    return array
+
+
+def execute_batch(model: LoadedModel, requests: Sequence[RequestInputs]) -> BatchOutcome:
     """Run a batch synchronously (blocking); what `ModelRunner.run_batch` runs on its thread."""
     started = time.perf_counter()
-    execution = BatchExecution(model=model, inputs_checked=inputs_checked)
+    execution = BatchExecution(model=model)
     outcomes = execution.run(requests)
     return BatchOutcome(
         outcomes=tuple(outcomes),
@@ -247,15 +268,9 @@ class ModelRunner:
         return self._device
 
     async def run_batch(
-        self,
-        model: LoadedModel,
-        requests: Sequence[Mapping[str, torch.Tensor]],
-        *,
-        inputs_checked: bool = False,
+        self, model: LoadedModel, requests: Sequence[RequestInputs]
     ) -> BatchOutcome:
-        """Run `requests` (input name → CPU tensor, dim 0 its rows) as one batch of `model`.
-
-        inputs_checked: every request already passed `model.check_tensors` (skip it here).
+        """Run `requests` (each its checked input arrays) as one batch of `model`.
 
         Per-request problems come back as `RequestFailed`; nothing raises for them. If the
         caller is cancelled, the batch still finishes on the thread and its result is dropped.
@@ -271,9 +286,7 @@ class ModelRunner:
         if not requests:
             return BatchOutcome(outcomes=(), infer_ms=0.0, forward_passes=0)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, execute_batch, model, list(requests), inputs_checked
-        )
+        return await loop.run_in_executor(self._executor, execute_batch, model, list(requests))
 
     async def close(self) -> None:
         """Refuse new batches and wait (off the event loop) for the running one to finish."""

@@ -51,6 +51,12 @@ class WorkerSettings(BaseSettings):
     fetch_max_records: int = Field(
         default=1024, ge=1, description="Most records taken from Kafka in one poll."
     )
+    fetch_max_wait_ms: int = Field(
+        default=10,
+        ge=0,
+        le=60_000,
+        description="Longest the broker holds a fetch with no data for us (latency when idle).",
+    )
     commit_interval_ms: int = Field(
         default=200, ge=1, description="How often completed offsets are committed."
     )

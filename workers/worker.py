@@ -1,15 +1,19 @@
 """The worker: Kafka intake, dynamic batching, execution and answers, wired together.
 
-Four tasks, owned by `Worker.run` and cancelled when it returns:
+`Worker.serve` runs the loop against a `RecordConsumer` and an `AnswerWriter` (see
+`workers.ports`), as tasks of one `asyncio.TaskGroup`:
 
-- intake: polls Kafka, admits records (decode and validate), answers bad ones at once,
-  answers redeliveries from the Redis cache, queues the rest in the batcher; pauses the
-  partitions while too many requests are in flight. It never waits on inference, so the
-  consumer keeps polling however long a batch runs.
-- dispatch: takes the most urgent due batch whenever the runner is free, runs it off the
+- intake: polls, admits each poll's records (decode and validate), answers bad ones at once,
+  answers redeliveries from the cache, queues the rest in the batcher; pauses the partitions
+  while too many requests are in flight. It never waits on inference.
+- dispatch: takes the most urgent due batch whenever the runner has room, runs it off the
   event loop, turns outcomes into answers.
-- writer: writes answers (Redis, then Kafka), then marks their offsets complete.
+- writer: writes answers (Redis, then Kafka), then completes their offsets.
 - committer: commits, per partition, the offsets below which everything is answered.
+
+`Worker.run` builds the real clients (aiokafka, Redis) and serves with them; a test serves
+with in-memory ones and ``burst=True``, which stops once a poll comes back empty and
+everything taken is answered, as arq's burst mode does.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 
@@ -32,7 +37,7 @@ from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
 from schemas.messages import Timing
 from schemas.topics import TopicNames
-from workers.admission import Admission, BatchKey, PendingRequest
+from workers.admission import Admission
 from workers.answers import Answers
 from workers.batcher import Batch, Batcher, BatchPolicy
 from workers.catalog import TopicCatalog
@@ -40,11 +45,12 @@ from workers.errors import MissingTopicsError
 from workers.membership import group_instance_id, leave_group
 from workers.metrics import WorkerMetrics
 from workers.models import ModelRepository
-from workers.offsets import OffsetTracker, OffsetTrackingError
-from workers.readiness import Condition, Readiness, probe_forever
-from workers.records import Answer, RecordSource
+from workers.offsets import OffsetTracker
+from workers.ports import AnswerWriter, ConsumedRecord, RecordConsumer
+from workers.readiness import Condition, Probe, Readiness, probe_forever
+from workers.records import Answer, BatchKey, PendingRequest, RecordSource
 from workers.results import ResultWriter
-from workers.runner import ModelRunner
+from workers.runner import ModelRunner, RequestSucceeded
 from workers.settings import WorkerSettings
 from workers.topics import ensure_topics
 
@@ -89,7 +95,7 @@ class Worker:
         )
         self._readiness = Readiness()
         self._batcher: Batcher[BatchKey, PendingRequest] = Batcher(policy_for=self._policy_for)
-        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._tracker: OffsetTracker[Any] = OffsetTracker()
         self._answers: asyncio.Queue[list[Answer]] = asyncio.Queue(
             maxsize=settings.max_in_flight + settings.fetch_max_records
         )
@@ -100,8 +106,12 @@ class Worker:
         self._paused = False
         self._intake_open = True
         self._closing = False
-        self._consumer: AIOKafkaConsumer | None = None
-        self._writer: ResultWriter | None = None
+        self._consumer: RecordConsumer | None = None
+        self._writer: AnswerWriter | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        """Batches handed to the runner and not yet answered."""
+        self._deadline: float | None = None
+        """Monotonic time by which shutdown must be over; set when stopping begins."""
         self._log = log.bind(worker=settings.worker_id)
 
     @property
@@ -115,11 +125,16 @@ class Worker:
         return self._readiness
 
     @property
-    def assignment(self) -> frozenset[TopicPartition]:
+    def assignment(self) -> frozenset[Any]:
         """The partitions this worker consumes right now."""
         if self._consumer is None or self._closing:
             return frozenset()
         return frozenset(self._consumer.assignment())
+
+    @property
+    def in_flight(self) -> int:
+        """Requests consumed and not yet answered."""
+        return self._tracker.in_flight
 
     def request_topics(self) -> list[str]:
         """The request topics of every served model."""
@@ -128,7 +143,7 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then finish in-flight work, commit and leave."""
+        """Serve from Kafka until ``stop`` is set, then finish in-flight work, commit and leave."""
         s = self._settings
 
         def new_producer() -> AIOKafkaProducer:
@@ -165,6 +180,9 @@ class Worker:
             # huge responses cost more in fresh-buffer page faults than they save in trips.
             fetch_max_bytes=8 * 1024 * 1024,
             max_partition_fetch_bytes=1024 * 1024,
+            # The broker answers a fetch as soon as it has data; with none it holds the
+            # request this long, and a record arriving meanwhile waits for the next round.
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             request_timeout_ms=s.kafka.request_timeout_ms,
             # Notice new partitions (and topics created after start) within a minute.
             metadata_max_age_ms=60_000,
@@ -174,8 +192,7 @@ class Worker:
             socket_timeout=s.redis.socket_timeout_s,
             socket_connect_timeout=s.redis.socket_timeout_s,
         )
-        self._consumer = consumer
-        writer = self._writer = ResultWriter(
+        writer = ResultWriter(
             producer_factory=new_producer,
             redis=redis,
             catalog=TopicCatalog(admin=admin),
@@ -185,8 +202,7 @@ class Worker:
             max_backoff_s=s.write_retry_max_backoff_s,
             max_record_bytes=s.max_message_bytes,
         )
-        tasks: list[asyncio.Task[None]] = []
-        deadline: float | None = None
+        self._consumer = consumer
         try:
             if s.create_topics:
                 await ensure_topics(
@@ -202,62 +218,98 @@ class Worker:
             await writer.start()
             await consumer.start()
             consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
-            self._readiness.set(Condition.SERVING, True)
             self._log.info("worker_started", topics=self.request_topics(), group=s.group_id)
-            intake = asyncio.create_task(self._intake_loop(consumer), name="inferq-intake")
-            tasks = [
-                intake,
-                asyncio.create_task(self._dispatch_loop(), name="inferq-dispatch"),
-                asyncio.create_task(self._writer_loop(), name="inferq-writer"),
-                asyncio.create_task(self._commit_loop(), name="inferq-committer"),
-                asyncio.create_task(
-                    probe_forever(
-                        self._readiness,
-                        {
-                            # Metadata of one topic that exists: cheap however large the
-                            # cluster, and it can create nothing.
-                            Condition.KAFKA: partial(
-                                admin.describe_topics, self.request_topics()[:1]
-                            ),
-                            Condition.REDIS: redis.ping,
-                        },
-                        interval_s=s.readiness_interval_s,
-                    ),
-                    name="inferq-readiness",
-                ),
-            ]
-            stopping = asyncio.create_task(stop.wait(), name="inferq-stop")
-            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            for task in done:
-                if task is not stopping and not task.cancelled() and task.exception():
-                    raise task.exception()  # type: ignore[misc]
-            self._log.info("worker_stopping", in_flight=self._tracker.in_flight)
-            # One deadline for the whole shutdown, leaving time to leave the group cleanly.
-            deadline = time.monotonic() + s.shutdown_timeout_s
-            # Let intake finish the poll it is in, so nothing it took is left half-admitted.
-            self._intake_open = False
-            # On time-out wait_for cancels it; what it had tracked is simply not committed.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(intake, s.shutdown_timeout_s / 4)
-            await self._finish_in_flight(
-                timeout_s=max(deadline - time.monotonic() - CLOSE_RESERVE_S, 1.0)
+            await self.serve(
+                consumer=consumer,
+                writer=writer,
+                stop=stop,
+                probes={
+                    # Metadata of one topic that exists: cheap however large the cluster,
+                    # and it can create nothing.
+                    Condition.KAFKA: partial(admin.describe_topics, self.request_topics()[:1]),
+                    Condition.REDIS: redis.ping,
+                },
             )
-            for task in tasks:  # a task that died while we drained fails the process
-                if task.done() and not task.cancelled() and task.exception():
-                    raise task.exception()  # type: ignore[misc]
         finally:
-            self._readiness.set(Condition.SERVING, False)
             self._closing = True
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # Leaving the group (consumer.stop) hands our partitions to the others at once.
             for closing in (leave_group(consumer), writer.close(), admin.close(), redis.aclose()):
-                left_s = CLOSE_RESERVE_S if deadline is None else deadline - time.monotonic()
+                left_s = (
+                    CLOSE_RESERVE_S
+                    if self._deadline is None
+                    else (self._deadline - time.monotonic())
+                )
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(closing, max(left_s, CLOSE_MIN_S))
             self._log.info("worker_stopped")
+
+    async def serve(
+        self,
+        *,
+        consumer: RecordConsumer,
+        writer: AnswerWriter,
+        stop: asyncio.Event,
+        probes: Mapping[Condition, Probe] | None = None,
+        burst: bool = False,
+    ) -> None:
+        """Serve ``consumer``'s records until ``stop`` is set (or, with ``burst``, until a poll
+        comes back empty), then answer everything taken and commit.
+
+        probes: readiness checks run in the background; without them Kafka and Redis count
+            as answering. A task that fails fails the worker, with its own exception.
+        """
+        self._consumer = consumer
+        self._writer = writer
+        if not probes:
+            self._readiness.set(Condition.KAFKA, True)
+            self._readiness.set(Condition.REDIS, True)
+        if burst:  # no rebalance listener will say so
+            self._readiness.set(Condition.ASSIGNED, True)
+        self._readiness.set(Condition.SERVING, True)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                intake = tasks.create_task(self._intake_loop(consumer, burst), name="inferq-intake")
+                loops = [
+                    tasks.create_task(self._dispatch_loop(tasks), name="inferq-dispatch"),
+                    tasks.create_task(self._writer_loop(writer), name="inferq-writer"),
+                    tasks.create_task(self._commit_loop(), name="inferq-committer"),
+                ]
+                if probes:
+                    loops.append(tasks.create_task(
+                        probe_forever(self._readiness, dict(probes),
+                                      interval_s=self._settings.readiness_interval_s),
+                        name="inferq-readiness",
+                    ))  # fmt: skip
+                await _first_of(stop.wait(), intake)
+                await self._stop_intake(intake)
+                await self._finish_in_flight(
+                    timeout_s=max(self._deadline_left() - CLOSE_RESERVE_S, 1.0)
+                )
+                for task in [*loops, *self._batches]:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            # One task's failure cancels the rest; report it as itself, not as a group.
+            raise group.exceptions[0] from None
+        finally:
+            self._readiness.set(Condition.SERVING, False)
+            self._closing = True
+
+    async def _stop_intake(self, intake: asyncio.Task[None]) -> None:
+        self._log.info("worker_stopping", in_flight=self._tracker.in_flight)
+        # One deadline for the whole shutdown, leaving time to leave the group cleanly.
+        self._deadline = time.monotonic() + self._settings.shutdown_timeout_s
+        # Let intake finish the poll it is in, so nothing it took is left half-admitted.
+        self._intake_open = False
+        # On time-out wait_for cancels it; what it had tracked is simply not committed.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(intake), self._settings.shutdown_timeout_s / 4)
+        if not intake.done():
+            intake.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intake
+
+    def _deadline_left(self) -> float:
+        return math.inf if self._deadline is None else self._deadline - time.monotonic()
 
     async def _require_request_topics(self, admin: AIOKafkaAdminClient) -> None:
         """Refuse to start without the request topics: subscribing to a missing topic would
@@ -271,7 +323,7 @@ class Worker:
             )
 
     async def _finish_in_flight(
-        self, *, timeout_s: float, partitions: Iterable[TopicPartition] | None = None
+        self, *, timeout_s: float, partitions: Iterable[Any] | None = None
     ) -> bool:
         """Run and answer everything consumed (of ``partitions``, or all), then commit."""
         wanted = None if partitions is None else list(partitions)
@@ -279,7 +331,7 @@ class Worker:
         def pending() -> int:
             if wanted is None:
                 return self._tracker.in_flight
-            return sum(self._tracker.pending(tp) for tp in wanted if self._tracker.tracks(tp))
+            return sum(self._tracker.pending(tp) for tp in wanted)
 
         deadline = time.monotonic() + timeout_s
         self._flush_requests += 1
@@ -300,7 +352,7 @@ class Worker:
 
     # --- intake ---------------------------------------------------------------------------
 
-    async def _intake_loop(self, consumer: AIOKafkaConsumer) -> None:
+    async def _intake_loop(self, consumer: RecordConsumer, burst: bool) -> None:
         while self._intake_open:
             self._apply_backpressure(consumer)
             polled = await consumer.getmany(
@@ -308,8 +360,10 @@ class Worker:
             )
             if polled:
                 await self._admit(polled)
+            elif burst and not self._paused:
+                return
 
-    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+    def _apply_backpressure(self, consumer: RecordConsumer) -> None:
         bound = self._settings.max_in_flight
         in_flight = self._tracker.in_flight
         self._metrics.in_flight.set(in_flight)
@@ -327,27 +381,28 @@ class Worker:
             # Partitions assigned while paused must stay paused too.
             consumer.pause(*consumer.assignment())
 
-    async def _admit(self, polled: dict[TopicPartition, list[object]]) -> None:
+    async def _admit(self, polled: Mapping[Any, Sequence[ConsumedRecord]]) -> None:
+        """Admit one whole poll: track its offsets per partition, then each record."""
         received_at = time.monotonic()
         received_ms = int(time.time() * 1000)
+        admit = self._admission.admit
         answers: list[Answer] = []
         admitted: list[PendingRequest] = []
         for partition, records in polled.items():
+            lease = self._tracker.track_many(partition, [record.offset for record in records])
             for record in records:
-                offset: int = record.offset  # type: ignore[attr-defined]
-                self._tracker.track(partition, offset)
-                outcome = self._admission.admit(
-                    source=RecordSource(partition, offset),
-                    key=record.key,  # type: ignore[attr-defined]
-                    value=record.value,  # type: ignore[attr-defined]
-                    headers=record.headers,  # type: ignore[attr-defined]
+                outcome = admit(
+                    source=RecordSource(partition, record.offset, lease),
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
                     received_at=received_at,
                     received_ms=received_ms,
                 )
-                if isinstance(outcome, Answer):
-                    answers.append(outcome)
-                else:
+                if type(outcome) is PendingRequest:
                     admitted.append(outcome)
+                else:
+                    answers.append(outcome)  # type: ignore[arg-type]  # the other half of the union
         if admitted:
             answers.extend(await self._answer_redeliveries(admitted))
         if answers:
@@ -359,11 +414,11 @@ class Worker:
         assert self._writer is not None
         settled = await self._writer.settled([pending.to for pending in admitted])
         answers = []
+        add = self._batcher.add
         for pending, answer in zip(admitted, settled, strict=True):
             if answer is None:
-                self._batcher.add(
-                    pending.key, pending, rows=pending.rows, received_at=pending.received_at
-                )
+                add(pending.key, pending, rows=pending.rows, received_at=pending.received_at,
+                    priority=pending.priority)  # fmt: skip
             else:
                 answers.append(answer)
         if len(answers) < len(admitted):
@@ -378,22 +433,14 @@ class Worker:
             max_batch_size=config.max_batch_size, max_batch_delay_ms=config.max_batch_delay_ms
         )
 
-    async def _dispatch_loop(self) -> None:
+    async def _dispatch_loop(self, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(BATCHES_AHEAD)
-        running: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                await slots.acquire()
-                for task in [t for t in running if t.done()]:
-                    running.discard(task)
-                    task.result()  # a failed batch task fails the worker
-                batch = await self._next_due_batch()
-                task = asyncio.create_task(self._run_and_queue(batch, slots))
-                running.add(task)
-        finally:
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+        while True:
+            await slots.acquire()
+            batch = await self._next_due_batch()
+            task = tasks.create_task(self._run_and_queue(batch, slots), name="inferq-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     async def _next_due_batch(self) -> Batch[BatchKey, PendingRequest]:
         while True:
@@ -426,7 +473,8 @@ class Worker:
                     )
                     for p in batch.items
                 ]
-            await self._answers.put(answers)
+            if answers:
+                await self._answers.put(answers)
         finally:
             slots.release()
 
@@ -435,7 +483,10 @@ class Worker:
         live: list[PendingRequest] = []
         answers: list[Answer] = []
         for pending in batch.items:
-            deadline = pending.request.deadline_ms
+            lease = pending.source.lease
+            if lease is not None and lease.revoked:
+                continue  # its partition's new owner answers it
+            deadline = pending.deadline_ms
             if deadline is not None and deadline <= started_ms:
                 answers.append(
                     self._answer_builder.expired(
@@ -447,26 +498,30 @@ class Worker:
         if not live:
             return answers
         model = live[0].model
-        outcome = await self._runner.run_batch(
-            model, [pending.tensors for pending in live], inputs_checked=True
-        )
+        outcome = await self._runner.run_batch(model, [pending.inputs for pending in live])
         metric_model = model.name
-        self._metrics.batch_size.labels(model=metric_model).observe(len(live))
+        batch_size = len(live)
+        self._metrics.batch_size.labels(model=metric_model).observe(batch_size)
         self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
         queue_seconds = self._metrics.queue_seconds.labels(model=metric_model)
+        succeeded, failed = self._answer_builder.succeeded, self._answer_builder.failed
         for pending, result in zip(live, outcome.outcomes, strict=True):
             # As the contract says: from the producer's created_ms when it has one.
-            queued_since = pending.request.created_ms or pending.received_ms
-            queue_ms = max(started_ms - queued_since, 0.0)
+            queue_ms = max(started_ms - (pending.created_ms or pending.received_ms), 0.0)
             queue_seconds.observe(queue_ms / 1000)
-            timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=len(live))
-            answers.append(self._admission.outcome(pending, result, timing))
+            timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=batch_size)
+            if isinstance(result, RequestSucceeded):
+                answers.append(succeeded(pending, result.outputs, timing))
+            else:
+                answers.append(
+                    failed(pending.to, result.error.code, result.error.message,
+                           version=model.version, timing=timing)
+                )  # fmt: skip
         return answers
 
     # --- writing and committing -----------------------------------------------------------
 
-    async def _writer_loop(self) -> None:
-        assert self._writer is not None
+    async def _writer_loop(self, writer: AnswerWriter) -> None:
         while True:
             group = await self._answers.get()
             # Coalesce what else is waiting into one Redis pipeline and one round of acks.
@@ -475,14 +530,15 @@ class Worker:
                 more = self._answers.get_nowait()
                 group.extend(more)
                 size += sum(len(answer.value) for answer in more)
-            written = await self._writer.write(group)
+            written = await writer.write(group)
             self._metrics.answered_many(
                 Counter((answer.model, answer.outcome, answer.code) for answer in written)
             )
+            complete = self._tracker.complete
             for answer in written:
-                # A partition revoked meanwhile is forgotten; its new owner answers again.
-                with contextlib.suppress(OffsetTrackingError):
-                    self._tracker.complete(answer.source.partition, answer.source.offset)
+                lease = answer.source.lease
+                if lease is not None:
+                    complete(lease, answer.source.offset)
             self._progress.set()
 
     async def _commit_loop(self) -> None:
@@ -506,8 +562,8 @@ class Worker:
         self._tracker.mark_committed(offsets)
         self._metrics.commits.inc()
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish, answer and commit the revoked partitions' requests before letting go."""
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        """Finish, answer and commit the revoked partitions' requests, then let them go."""
         if not revoked:
             return
         owned = [tp for tp in revoked if self._tracker.tracks(tp)]
@@ -516,18 +572,31 @@ class Worker:
             await self._finish_in_flight(
                 timeout_s=self._settings.shutdown_timeout_s, partitions=owned
             )
-            self._batcher.drain(lambda _key, pending: pending.source.partition in revoked)
-            self._tracker.forget(owned)
+        dropped = self._tracker.revoke(revoked)
+        if dropped:
+            self._log.warning("revoked_unanswered", requests=dropped)
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    """Return when the first of ``waits`` is done; the others are cancelled unless they are
+    tasks owned elsewhere."""
+    pending = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future, wait in zip(pending, waits, strict=True):
+            if future is not wait:
+                future.cancel()
 
 
 class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         await self._worker.on_partitions_revoked(revoked)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
         names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
         log.info("partitions_assigned", partitions=names)
         self._worker.readiness.set(Condition.ASSIGNED, True)

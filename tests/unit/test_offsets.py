@@ -55,11 +55,11 @@ def test_nothing_committable_until_the_first_record_completes() -> None:
 
 def test_commit_offset_is_one_past_the_contiguous_completed_prefix() -> None:
     tracker = tracker_with(P0, [5, 6, 7])
-    tracker.complete(P0, 5)
+    tracker.complete(tracker.lease(P0), 5)
     assert tracker.committable() == {P0: 6}
-    tracker.complete(P0, 6)
+    tracker.complete(tracker.lease(P0), 6)
     assert tracker.committable() == {P0: 7}
-    tracker.complete(P0, 7)
+    tracker.complete(tracker.lease(P0), 7)
     assert tracker.committable() == {P0: 8}
     assert tracker.pending(P0) == 0
     assert tracker.in_flight == 0
@@ -67,14 +67,14 @@ def test_commit_offset_is_one_past_the_contiguous_completed_prefix() -> None:
 
 def test_out_of_order_completion_waits_for_the_earlier_record() -> None:
     tracker = tracker_with(P0, [0, 1, 2, 3])
-    tracker.complete(P0, 2)
-    tracker.complete(P0, 3)
+    tracker.complete(tracker.lease(P0), 2)
+    tracker.complete(tracker.lease(P0), 3)
     assert tracker.committable() == {}
     assert tracker.pending(P0) == 4
     assert tracker.in_flight == 2
-    tracker.complete(P0, 1)
+    tracker.complete(tracker.lease(P0), 1)
     assert tracker.committable() == {}
-    tracker.complete(P0, 0)
+    tracker.complete(tracker.lease(P0), 0)
     assert tracker.committable() == {P0: 4}
     assert tracker.pending(P0) == 0
 
@@ -82,10 +82,10 @@ def test_out_of_order_completion_waits_for_the_earlier_record() -> None:
 def test_gaps_between_tracked_offsets_do_not_block_commits() -> None:
     # Compaction and transaction markers leave offsets that are never consumed.
     tracker = tracker_with(P0, [10, 13, 20])
-    tracker.complete(P0, 13)
-    tracker.complete(P0, 10)
+    tracker.complete(tracker.lease(P0), 13)
+    tracker.complete(tracker.lease(P0), 10)
     assert tracker.committable() == {P0: 14}
-    tracker.complete(P0, 20)
+    tracker.complete(tracker.lease(P0), 20)
     assert tracker.committable() == {P0: 21}
 
 
@@ -94,7 +94,7 @@ def test_partitions_are_independent() -> None:
     tracker.track(P0, 0)
     tracker.track(P1, 0)
     tracker.track(P0, 1)
-    tracker.complete(P1, 0)
+    tracker.complete(tracker.lease(P1), 0)
     assert tracker.committable() == {P1: 1}
     assert tracker.pending() == 2
     assert tracker.pending(P0) == 2
@@ -106,21 +106,21 @@ def test_committable_only_lists_partitions_that_advanced_since_the_last_commit()
     for offset in range(3):
         tracker.track(P0, offset)
         tracker.track(P1, offset)
-    tracker.complete(P0, 0)
-    tracker.complete(P1, 0)
+    tracker.complete(tracker.lease(P0), 0)
+    tracker.complete(tracker.lease(P1), 0)
     offsets = tracker.committable()
     assert offsets == {P0: 1, P1: 1}
     assert tracker.committable() == offsets  # asking changes nothing
     tracker.mark_committed(offsets)
     assert tracker.committable() == {}
-    tracker.complete(P1, 1)
+    tracker.complete(tracker.lease(P1), 1)
     assert tracker.committable() == {P1: 2}
 
 
 def test_mark_committed_never_moves_backwards_and_ignores_unknown_partitions() -> None:
     tracker = tracker_with(P0, [0, 1])
-    tracker.complete(P0, 0)
-    tracker.complete(P0, 1)
+    tracker.complete(tracker.lease(P0), 0)
+    tracker.complete(tracker.lease(P0), 1)
     tracker.mark_committed({P0: 2, P1: 7})
     tracker.mark_committed({P0: 1})  # a late reply to an older commit
     assert tracker.committable() == {}
@@ -130,23 +130,23 @@ def test_mark_committed_never_moves_backwards_and_ignores_unknown_partitions() -
 def test_completing_an_untracked_offset_raises() -> None:
     tracker = tracker_with(P0, [3, 5])
     with pytest.raises(UntrackedOffsetError) as raised:
-        tracker.complete(P0, 4)
+        tracker.complete(tracker.lease(P0), 4)
     assert raised.value.partition == P0
     assert raised.value.offset == 4
     assert "offset 4" in str(raised.value)
-    with pytest.raises(UntrackedOffsetError):
-        tracker.complete(P1, 3)
+    with pytest.raises(KeyError):
+        tracker.lease(P1)  # never tracked: no lease to complete under
     assert tracker.in_flight == 2
 
 
 def test_completing_twice_raises_whether_or_not_the_watermark_passed_it() -> None:
     tracker = tracker_with(P0, [0, 1, 2])
-    tracker.complete(P0, 2)
+    tracker.complete(tracker.lease(P0), 2)
     with pytest.raises(UntrackedOffsetError):
-        tracker.complete(P0, 2)  # still waiting behind 0 and 1
-    tracker.complete(P0, 0)
+        tracker.complete(tracker.lease(P0), 2)  # still waiting behind 0 and 1
+    tracker.complete(tracker.lease(P0), 0)
     with pytest.raises(UntrackedOffsetError):
-        tracker.complete(P0, 0)  # already behind the watermark
+        tracker.complete(tracker.lease(P0), 0)  # already behind the watermark
     assert tracker.in_flight == 1
 
 
@@ -157,8 +157,8 @@ def test_tracking_a_non_increasing_offset_raises() -> None:
     assert raised.value.last_tracked == 7
     with pytest.raises(OffsetOrderError):
         tracker.track(P0, 5)
-    tracker.complete(P0, 4)
-    tracker.complete(P0, 7)
+    tracker.complete(tracker.lease(P0), 4)
+    tracker.complete(tracker.lease(P0), 7)
     with pytest.raises(OffsetOrderError):
         tracker.track(P0, 7)  # even once everything is complete
     tracker.track(P0, 8)
@@ -176,34 +176,54 @@ def test_errors_share_one_base() -> None:
     assert issubclass(OffsetOrderError, OffsetTrackingError)
 
 
-def test_forget_drops_pending_records_and_later_completions_raise() -> None:
+def test_revoking_ends_the_lease_and_later_completions_change_nothing() -> None:
     tracker: OffsetTracker[TopicPartition] = OffsetTracker()
     for offset in range(4):
         tracker.track(P0, offset)
         tracker.track(P1, offset)
-    tracker.complete(P0, 1)
-    tracker.complete(P1, 0)
-    tracker.forget([P0])
+    old_lease = tracker.lease(P0)
+    tracker.complete(old_lease, 1)
+    tracker.complete(tracker.lease(P1), 0)
+    assert tracker.revoke([P0]) == 3  # P0's offsets 0, 2 and 3 were still in flight
+    assert old_lease.revoked
     assert not tracker.tracks(P0)
     assert tracker.pending(P0) == 0
     assert tracker.pending() == 3
     assert tracker.in_flight == 3  # P1's offsets 1..3
     assert tracker.committable() == {P1: 1}
-    with pytest.raises(UntrackedOffsetError):
-        tracker.complete(P0, 0)
-    tracker.forget([P0, P1])  # forgetting twice is harmless
+    assert tracker.complete(old_lease, 0) is False  # answered after revocation: not counted
+    assert tracker.in_flight == 3
+    assert tracker.revoke([P0, P1]) == 3  # revoking twice is harmless
     assert tracker.in_flight == 0
     assert tracker.committable() == {}
 
 
 def test_partition_assigned_again_starts_afresh() -> None:
     tracker = tracker_with(P0, [10, 11])
-    tracker.complete(P0, 10)
+    old_lease = tracker.lease(P0)
+    tracker.complete(old_lease, 10)
     tracker.mark_committed(tracker.committable())
-    tracker.forget([P0])
-    tracker.track(P0, 11)  # re-delivered from the committed offset after reassignment
-    tracker.complete(P0, 11)
+    tracker.revoke([P0])
+    new_lease = tracker.track(P0, 11)  # re-delivered from the committed offset after reassignment
+    assert new_lease is not old_lease
+    assert (
+        tracker.complete(old_lease, 11) is False
+    )  # the old assignment's answer counts for nothing
+    assert tracker.pending(P0) == 1
+    assert tracker.complete(new_lease, 11) is True
     assert tracker.committable() == {P0: 12}
+
+
+def test_track_many_equals_tracking_one_by_one() -> None:
+    one_by_one = tracker_with(P0, [3, 4, 7])
+    at_once: OffsetTracker[TopicPartition] = OffsetTracker()
+    lease = at_once.track_many(P0, [3, 4, 7])
+    assert at_once.in_flight == one_by_one.in_flight == 3
+    at_once.complete(lease, 3)
+    one_by_one.complete(one_by_one.lease(P0), 3)
+    assert at_once.committable() == one_by_one.committable() == {P0: 4}
+    with pytest.raises(OffsetOrderError):
+        at_once.track_many(P0, [8, 8])
 
 
 # --- properties ---------------------------------------------------------------------------
@@ -231,7 +251,7 @@ def test_random_completion_order_never_commits_past_an_incomplete_record(
     complete: set[int] = set()
     committed: int | None = None
     for offset in completion_order:
-        tracker.complete(P0, offset)
+        tracker.complete(tracker.lease(P0), offset)
         complete.add(offset)
         assert tracker.in_flight == len(offsets) - len(complete)
         commit = tracker.committable().get(P0)
@@ -274,7 +294,7 @@ def test_interleaved_partitions_commit_exactly_the_completed_prefix(
     for partition, finish_one in steps:
         if finish_one and outstanding[partition]:
             offset = outstanding[partition].pop(rng.randrange(len(outstanding[partition])))
-            tracker.complete(partition, offset)
+            tracker.complete(tracker.lease(partition), offset)
             complete[partition].add(offset)
         else:
             offset = next_offset[partition]

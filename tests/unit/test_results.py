@@ -26,10 +26,10 @@ from schemas.topics import (
     HEADER_ORIGINAL_SIZE,
     TopicNames,
 )
-from workers.answers import Addressee, Answers
+from workers.answers import Answers
 from workers.catalog import TopicCatalog
 from workers.metrics import WorkerMetrics
-from workers.records import Answer, RecordSource
+from workers.records import Addressee, Answer, RecordSource
 from workers.results import ResultWriter
 
 TOPICS = TopicNames(prefix="inferq")

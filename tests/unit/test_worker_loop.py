@@ -1,0 +1,167 @@
+"""The worker's whole loop, driven without Kafka or Redis (burst mode over in-memory ports)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from deploy.local.demo import model_outputs
+from schemas.codec import decode_result, encode_request
+from schemas.errors import ErrorCode
+from schemas.messages import InferenceRequest, ResultStatus
+from schemas.settings import KafkaSettings
+from schemas.tensors import Tensor
+from schemas.topics import TopicNames
+from workers.example_models import write_example_models
+from workers.memory import MemoryConsumer, MemoryPartition, MemoryRecord, MemoryWriter
+from workers.metrics import Outcome, WorkerMetrics
+from workers.models import DirectoryModelRepository
+from workers.runner import ModelRunner
+from workers.settings import WorkerSettings
+from workers.worker import Worker
+
+PREFIX = "loop"
+TOPICS = TopicNames(prefix=PREFIX)
+P0 = MemoryPartition(TOPICS.requests("mlp"), 0)
+P1 = MemoryPartition(TOPICS.requests("mlp"), 1)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_example_models(root)
+    return root
+
+
+@pytest.fixture
+async def runner() -> AsyncIterator[ModelRunner]:
+    async with ModelRunner(device=torch.device("cpu"), num_threads=1) as model_runner:
+        yield model_runner
+
+
+def new_worker(models_dir: Path, runner: ModelRunner, **overrides: object) -> Worker:
+    settings = WorkerSettings(
+        kafka=KafkaSettings(topic_prefix=PREFIX),
+        models_dir=models_dir,
+        worker_id="w-loop",
+        shutdown_timeout_s=20.0,
+        **overrides,  # type: ignore[arg-type]
+    )
+    repository = DirectoryModelRepository(root=models_dir, device=torch.device("cpu"))
+    repository.load()
+    return Worker(settings=settings, repository=repository, runner=runner, metrics=WorkerMetrics())
+
+
+def requests(count: int, *, seed: int = 0, first: int = 0) -> list[InferenceRequest]:
+    rows = np.random.default_rng(seed).standard_normal((count, 1, 784), dtype=np.float32)
+    return [
+        InferenceRequest(
+            id=f"r{first + i}", model="mlp", version=1, inputs=(Tensor.from_numpy("input", row),)
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+async def serve_burst(worker: Worker, consumer: MemoryConsumer, writer: MemoryWriter) -> None:
+    async with asyncio.timeout(60):
+        await worker.serve(consumer=consumer, writer=writer, stop=asyncio.Event(), burst=True)
+
+
+async def test_a_burst_answers_every_record_once_and_commits_past_the_last(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    good = requests(300)
+    records = [MemoryRecord(offset=i, value=encode_request(r)) for i, r in enumerate(good)]
+    bad_shape = InferenceRequest(
+        id="bad-shape", model="mlp", inputs=(Tensor.from_numpy("input", np.zeros((1, 3), "f4")),)
+    )
+    extra = [
+        MemoryRecord(offset=300, value=b"\xc1 not msgpack"),
+        MemoryRecord(offset=301, value=encode_request(bad_shape)),
+    ]
+    consumer = MemoryConsumer({P0: records[:150] + extra, P1: records[150:]})
+    worker = new_worker(models_dir, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+
+    await serve_burst(worker, consumer, writer)
+
+    assert consumer.committed == {P0: 302, P1: 300}
+    assert worker.in_flight == 0
+    by_id = Counter(answer.request_id for answer in writer.sent)
+    assert by_id.pop(None) == 1  # the undecodable record, dead-lettered
+    assert by_id == Counter({r.id: 1 for r in good} | {"bad-shape": 1})
+    results = {a.request_id: decode_result(a.value) for a in writer.sent if a.request_id}
+    error = results["bad-shape"].error
+    assert error is not None
+    assert error.code is ErrorCode.SHAPE_MISMATCH
+    expected = model_outputs(models_dir / "mlp" / "1" / "model.pt", good)
+    for row, request in enumerate(good):
+        result = results[request.id]
+        assert result.status is ResultStatus.OK
+        assert result.timing is not None
+        np.testing.assert_allclose(
+            result.outputs[0].to_numpy(), expected[row : row + 1], rtol=1e-4, atol=1e-5
+        )
+    assert max(r.timing.batch_size for r in results.values() if r.timing) > 1
+
+
+async def test_a_redelivered_burst_is_answered_from_the_cache_without_running(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    batch = requests(40)
+    records = [MemoryRecord(offset=i, value=encode_request(r)) for i, r in enumerate(batch)]
+    worker = new_worker(models_dir, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+    await serve_burst(worker, MemoryConsumer({P0: records}), writer)
+    first = {answer.request_id: answer.value for answer in writer.sent}
+
+    again = new_worker(models_dir, runner)
+    writer.sent.clear()
+    await serve_burst(again, MemoryConsumer({P0: records}), writer)
+
+    assert {answer.outcome for answer in writer.sent} == {Outcome.CACHED}
+    assert {answer.request_id: answer.value for answer in writer.sent} == first
+
+
+async def test_higher_priority_requests_run_in_earlier_batches(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    def record(offset: int, priority: int) -> MemoryRecord:
+        (request,) = requests(1, seed=offset, first=offset)
+        return MemoryRecord(
+            offset=offset, value=encode_request(request.model_copy(update={"priority": priority}))
+        )
+
+    # One poll of 64 low-priority requests, then 8 urgent ones, all in one key's queue.
+    records = [record(i, 0) for i in range(64)] + [record(64 + i, 5) for i in range(8)]
+    worker = new_worker(models_dir, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+    await serve_burst(worker, MemoryConsumer({P0: records}), writer)
+
+    order = [answer.request_id for answer in writer.sent]
+    urgent = [order.index(f"r{64 + i}") for i in range(8)]
+    assert max(urgent) < 32, f"urgent requests answered at positions {urgent}"
+
+
+async def test_a_record_of_plain_and_of_unusual_shape_get_the_same_result(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    """The fast path and the full codec agree: the same request sent plainly and with an
+    unknown extra key (which only the full codec reads) gets byte-equal outputs."""
+    (request,) = requests(1)
+    plain = encode_request(request)
+    unusual = msgpack.packb({**msgpack.unpackb(plain), "id": "r-unusual", "extension": [1]})
+    records = [MemoryRecord(offset=0, value=plain), MemoryRecord(offset=1, value=unusual)]
+    worker = new_worker(models_dir, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+    await serve_burst(worker, MemoryConsumer({P0: records}), writer)
+
+    plain_result, unusual_result = (decode_result(answer.value) for answer in writer.sent)
+    assert plain_result.outputs == unusual_result.outputs
