@@ -24,6 +24,7 @@ import asyncio
 import cProfile
 import io
 import json
+import logging
 import pstats
 import tempfile
 import time
@@ -31,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 
 from schemas.codec import encode_request
@@ -42,6 +44,7 @@ from workers.example_models import EXAMPLE_MODELS, write_example_models
 from workers.memory import MemoryConsumer, MemoryPartition, MemoryRecord, MemoryWriter
 from workers.metrics import WorkerMetrics
 from workers.models import DirectoryModelRepository
+from workers.process import settle_garbage_collector
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -58,10 +61,13 @@ def encoded_requests(model: str, count: int) -> list[bytes]:
     return [
         encode_request(
             InferenceRequest(
-                id=f"h-{i}", model=model, version=1, created_ms=1,
+                id=f"h-{i}",
+                model=model,
+                version=1,
+                created_ms=1,
                 inputs=(Tensor.from_numpy(spec.name, row),),
             )
-        )  # fmt: skip
+        )
         for i, row in enumerate(rows)
     ]
 
@@ -89,6 +95,7 @@ async def one_burst(
         )
         writer = MemoryWriter(answers=worker._answer_builder)
         consumer = MemoryConsumer(records)
+        settle_garbage_collector()  # as workers.process does after start-up
         started_cpu, started_wall = time.thread_time(), time.perf_counter()
         if profile is not None:
             profile.enable()
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the last burst")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     values = encoded_requests(args.model, args.count)
     runs = []
     with tempfile.TemporaryDirectory() as models:

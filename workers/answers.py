@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from numpy.typing import NDArray
 
-from schemas.codec import encode_result, encode_success
+from schemas.codec import ContentType, encode_result, encode_success
 from schemas.errors import ErrorCode
-from schemas.messages import InferenceResult, Timing, now_ms
+from schemas.messages import InferenceResult, Timing
+from schemas.templates import OkResultTemplate
 from schemas.topics import (
     HEADER_CONTENT_TYPE,
     HEADER_ERROR_CODE,
@@ -37,6 +38,10 @@ class Answers:
 
     topics: TopicNames
     worker_id: str
+    _templates: dict[tuple[str, int], OkResultTemplate] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """The ok-result encoder of each model version, built on first use."""
 
     def result(self, to: Addressee, result: InferenceResult, outcome: Outcome) -> Answer:
         """The answer carrying ``result``, cached in Redis under the request id."""
@@ -48,10 +53,36 @@ class Answers:
         return self._answer(to, value, Outcome.OK, "", cache=True)
 
     def succeeded(
-        self, pending: PendingRequest, outputs: Sequence[NDArray[Any]], timing: Timing
+        self,
+        pending: PendingRequest,
+        outputs: Sequence[NDArray[Any]],
+        *,
+        queue_ms: float,
+        infer_ms: float,
+        batch_size: int,
+        created_ms: int,
     ) -> Answer:
         """The ok answer of a request that ran: its rows of each output, in config order."""
         model = pending.model
+        if pending.to.content_type is ContentType.MSGPACK:
+            template = self._templates.get((model.name, model.version))
+            if template is None:
+                template = self._templates[(model.name, model.version)] = OkResultTemplate(
+                    model=model.name,
+                    version=model.version,
+                    outputs=[
+                        (spec.name, datatype)
+                        for spec, datatype in zip(
+                            model.config.outputs, model.output_datatypes, strict=True
+                        )
+                    ],
+                    worker=self.worker_id,
+                )
+            value = template.encode(
+                request_id=pending.to.request_id, outputs=outputs, queue_ms=queue_ms,
+                infer_ms=infer_ms, batch_size=batch_size, created_ms=created_ms,
+            )  # fmt: skip
+            return self.ok(pending.to, value)
         value = encode_success(
             request_id=pending.to.request_id,
             model=model.name,
@@ -62,9 +93,9 @@ class Answers:
                     model.config.outputs, model.output_datatypes, outputs, strict=True
                 )
             ],
-            timing=timing,
+            timing=Timing(queue_ms=queue_ms, infer_ms=infer_ms, batch_size=batch_size),
             worker=self.worker_id,
-            created_ms=now_ms(),
+            created_ms=created_ms,
             content_type=pending.to.content_type,
         )
         return self.ok(pending.to, value)

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import numpy as np
@@ -29,8 +29,11 @@ from schemas.messages import (
 )
 from schemas.tensors import Datatype
 from schemas.topics import is_topic_name
-from workers.fingerprint import digest_of
+from workers.fingerprint import digest_of, finish, single_input_hasher
 from workers.models import VARIABLE_DIM, LoadedModel
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hasher
 
 PLAIN_KEYS: Final = frozenset(
     {"id", "model", "version", "inputs", "reply_to", "deadline_ms", "created_ms", "priority",
@@ -105,6 +108,8 @@ class FastReader:
         self._limits = limits
         self._max_bytes = min(limits.zero_copy_min_bytes, limits.max_message_bytes)
         self._layouts: dict[tuple[str, int], _ModelLayout | None] = {}
+        self._hashers: dict[tuple[str, int | None, int], Hasher] = {}
+        """Digest prefixes of one-input requests by (model, requested version, rows)."""
 
     def read(self, value: bytes, resolve: ModelResolver) -> PlainRequest | None:
         """The plain request in ``value``, or None when it needs the full codec."""
@@ -157,8 +162,24 @@ class FastReader:
             deadline_ms=deadline_ms,
             created_ms=created_ms,
             priority=priority or 0,
-            digest=digest_of(model=name, version=version, inputs=parts, parameters={}),
+            digest=self._digest(name, version, parts),
         )
+
+    def _digest(
+        self, name: str, version: int | None, parts: list[tuple[str, str, list[int], bytes]]
+    ) -> bytes:
+        if len(parts) > 1:
+            return digest_of(model=name, version=version, inputs=parts, parameters={})
+        ((input_name, datatype, shape, data),) = parts
+        key = (name, version, shape[0])
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            if len(self._hashers) > 4096:  # many distinct row counts: keep the cache small
+                self._hashers.clear()
+            hasher = self._hashers[key] = single_input_hasher(
+                model=name, version=version, name=input_name, datatype=datatype, shape=shape
+            )
+        return finish(hasher.copy(), data)
 
     def _inputs(
         self, model: LoadedModel, tensors: object

@@ -34,11 +34,7 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
     if not repository.names():
         raise SystemExit(f"no models to serve under {settings.models_dir}")
     metrics = WorkerMetrics()
-    # Everything alive now (torch, the models, the settings) lives as long as the process:
-    # move it out of the cyclic GC's sight, or each full collection walks it all and stalls
-    # the event loop for tens of milliseconds, which shows as latency tails.
-    gc.collect()
-    gc.freeze()
+    settle_garbage_collector()
     async with ModelRunner(device=device, num_threads=settings.torch_threads) as runner:
         worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
         health = None
@@ -52,6 +48,18 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
         finally:
             if health is not None:
                 await health.close()
+
+
+def settle_garbage_collector() -> None:
+    """Tune the cyclic GC for serving, once start-up is over.
+
+    Everything alive now (torch, the models, the settings) lives as long as the process:
+    freezing moves it out of the collector's sight, or each full collection walks it all and
+    stalls the event loop for tens of milliseconds, which shows as latency tails.
+    (Raising the young generation's threshold as well measured no gain: bench/hotpath.py.)
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def device_for_child(spec: str, index: int) -> str:

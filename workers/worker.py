@@ -35,7 +35,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
-from schemas.messages import Timing
+from schemas.messages import Timing, now_ms
 from schemas.topics import TopicNames
 from workers.admission import Admission
 from workers.answers import Answers
@@ -354,7 +354,12 @@ class Worker:
 
     async def _intake_loop(self, consumer: RecordConsumer, burst: bool) -> None:
         while self._intake_open:
-            self._apply_backpressure(consumer)
+            if self._apply_backpressure(consumer):
+                # Paused: a poll would only wait out its timeout, so wait for answers instead.
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), POLL_TIMEOUT_MS / 1000)
+                continue
             polled = await consumer.getmany(
                 timeout_ms=POLL_TIMEOUT_MS, max_records=self._settings.fetch_max_records
             )
@@ -363,7 +368,8 @@ class Worker:
             elif burst and not self._paused:
                 return
 
-    def _apply_backpressure(self, consumer: RecordConsumer) -> None:
+    def _apply_backpressure(self, consumer: RecordConsumer) -> bool:
+        """Pause intake at `max_in_flight`, resume below a fraction of it; True while paused."""
         bound = self._settings.max_in_flight
         in_flight = self._tracker.in_flight
         self._metrics.in_flight.set(in_flight)
@@ -371,15 +377,16 @@ class Worker:
             consumer.pause(*consumer.assignment())
             self._paused = True
             self._metrics.paused.set(1)
-            self._log.info("intake_paused", in_flight=in_flight)
+            self._log.debug("intake_paused", in_flight=in_flight)
         elif self._paused and in_flight <= bound * RESUME_FRACTION:
             consumer.resume(*consumer.paused())
             self._paused = False
             self._metrics.paused.set(0)
-            self._log.info("intake_resumed", in_flight=in_flight)
+            self._log.debug("intake_resumed", in_flight=in_flight)
         elif self._paused:
             # Partitions assigned while paused must stay paused too.
             consumer.pause(*consumer.assignment())
+        return self._paused
 
     async def _admit(self, polled: Mapping[Any, Sequence[ConsumedRecord]]) -> None:
         """Admit one whole poll: track its offsets per partition, then each record."""
@@ -505,14 +512,19 @@ class Worker:
         self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
         queue_seconds = self._metrics.queue_seconds.labels(model=metric_model)
         succeeded, failed = self._answer_builder.succeeded, self._answer_builder.failed
+        infer_ms = outcome.infer_ms
+        created_ms = now_ms()
         for pending, result in zip(live, outcome.outcomes, strict=True):
             # As the contract says: from the producer's created_ms when it has one.
             queue_ms = max(started_ms - (pending.created_ms or pending.received_ms), 0.0)
             queue_seconds.observe(queue_ms / 1000)
-            timing = Timing(queue_ms=queue_ms, infer_ms=outcome.infer_ms, batch_size=batch_size)
             if isinstance(result, RequestSucceeded):
-                answers.append(succeeded(pending, result.outputs, timing))
+                answers.append(
+                    succeeded(pending, result.outputs, queue_ms=queue_ms, infer_ms=infer_ms,
+                              batch_size=batch_size, created_ms=created_ms)
+                )  # fmt: skip
             else:
+                timing = Timing(queue_ms=queue_ms, infer_ms=infer_ms, batch_size=batch_size)
                 answers.append(
                     failed(pending.to, result.error.code, result.error.message,
                            version=model.version, timing=timing)

@@ -3,7 +3,6 @@ accepts what the full codec refuses."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -108,11 +107,27 @@ def test_encoded_requests_take_the_fast_path(repository: DirectoryModelRepositor
         {"parameters": {"k": 1}},
         {"unknown": 1},
         {"inputs": []},
-        {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 784], "data": b"\0" * 6272}]},
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP64", "shape": [1, 784], "data": b"\0" * 6272}
+            ]
+        },
         {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 10], "data": b"\0" * 40}]},
-        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [True, 784], "data": b"\0" * 3136}]},
-        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 784], "data": b"\0" * 3136}]},
-        {"inputs": [{"name": "other", "datatype": "FP32", "shape": [1, 784], "data": b"\0" * 3136}]},
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [True, 784], "data": b"\0" * 3136}
+            ]
+        },
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [2, 784], "data": b"\0" * 3136}
+            ]
+        },
+        {
+            "inputs": [
+                {"name": "other", "datatype": "FP32", "shape": [1, 784], "data": b"\0" * 3136}
+            ]
+        },
         {"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 784], "data": b""}]},
     ],
 )
