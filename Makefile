@@ -5,10 +5,11 @@ PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/inferq
 TORCH_PIN := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 PY_TAG := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
-# The environment is keyed on the Python and torch versions (torch is the multi-GB part);
-# the stamp below re-runs pip whenever pyproject.toml or the checkout's path changes.
+# The environment is keyed on the Python and torch versions (torch is the multi-GB part) and
+# holds the dependencies only: every target runs from this checkout (python -m ...), so one
+# environment serves every checkout. The stamp re-runs pip whenever pyproject.toml changes.
 VENV ?= $(CACHE_DIR)/venv-$(PY_TAG)-torch$(TORCH_PIN)
-SPEC_HASH := $(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-16)
+SPEC_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.inferq-$(SPEC_HASH)
 PY := $(VENV)/bin/python
 STACK := $(PY) -m deploy.local.stack
@@ -35,7 +36,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# An editable install left by an older Makefile pointed the environment at one checkout.
+	@$(PY) -m pip uninstall -q -y inferq 2>/dev/null || true
+	$(PY) deploy/local/requirements.py dev > $(VENV)/requirements-dev.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements-dev.txt
 	@rm -f $(VENV)/.inferq-*
 	@touch $@
 
@@ -73,7 +77,8 @@ BENCH_STAMP := $(VENV)/.inferq-bench-$(SPEC_HASH)
 bench-venv: $(BENCH_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) deploy/local/requirements.py dev bench > $(VENV)/requirements-bench.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements-bench.txt
 	@touch $@
 
 bench: bench-venv
