@@ -548,3 +548,32 @@ def test_popping_at_next_due_at_always_yields_until_empty(
         seen.extend(batch.items)
     assert sorted(seen) == list(range(len(additions)))
     assert len(b) == 0
+
+
+# --- priority -----------------------------------------------------------------------------
+
+
+def test_higher_priority_goes_first_and_equal_priorities_keep_their_order() -> None:
+    b = batcher(size=3)
+    for name in ("low-1", "low-2", "low-3"):
+        b.add(A, name, rows=1, received_at=0.0)
+    b.add(A, "high-1", rows=1, received_at=1.0, priority=5)
+    b.add(A, "high-2", rows=1, received_at=1.0, priority=5)
+    b.add(A, "mid", rows=1, received_at=1.0, priority=1)
+    first = b.pop_due(0.0)  # full, so due at once
+    assert first is not None
+    assert first.items == ("high-1", "high-2", "mid")
+    assert first.oldest_received_at == 1.0
+    second = b.pop_due(0.0)
+    assert second is not None
+    assert second.items == ("low-1", "low-2", "low-3")
+
+
+def test_the_deadline_follows_the_oldest_request_whatever_its_priority() -> None:
+    b = batcher(size=10, delay_ms=10.0)
+    b.add(A, "old-low", rows=1, received_at=0.0)
+    b.add(A, "new-high", rows=1, received_at=5.0, priority=9)
+    assert b.next_due_at() == pytest.approx(0.010)
+    batch = b.pop_due(0.010)
+    assert batch is not None
+    assert batch.items == ("new-high", "old-low")
