@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -154,6 +155,18 @@ def _plainly_valid(fields: dict[str, Any]) -> bool:
         return False
     if len(inputs) > 1 and len({tensor.name for tensor in inputs}) != len(inputs):
         return False
+    if not plain_scalar_fields(fields):
+        return False
+    parameters = fields.get("parameters")
+    return parameters is None or (
+        type(parameters) is dict and all(map(_plain_parameter, parameters.items()))
+    )
+
+
+def plain_scalar_fields(fields: Mapping[str, Any]) -> bool:
+    """Whether a request's scalar fields (`version`, `deadline_ms`, `created_ms`, `priority`,
+    `reply_to`, `trace`), absent or as decoded, surely pass the model; False is not an error,
+    only "let the model decide". Shared by `_plainly_valid` and the worker's fast path."""
     version = fields.get("version")
     if version is not None and not (type(version) is int and 1 <= version <= INT64_MAX):
         return False
@@ -168,12 +181,7 @@ def _plainly_valid(fields: dict[str, Any]) -> bool:
     if reply_to is not None and not (type(reply_to) is str and is_topic_name(reply_to)):
         return False
     trace = fields.get("trace")
-    if trace is not None and not (type(trace) is str and len(trace) <= MAX_TRACE_LENGTH):
-        return False
-    parameters = fields.get("parameters")
-    return parameters is None or (
-        type(parameters) is dict and all(map(_plain_parameter, parameters.items()))
-    )
+    return trace is None or (type(trace) is str and len(trace) <= MAX_TRACE_LENGTH)
 
 
 def _plain_parameter(item: tuple[object, object]) -> bool:

@@ -21,14 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from schemas.limits import CodecLimits
-from schemas.messages import (
-    INT64_MAX,
-    INT64_MIN,
-    MAX_TRACE_LENGTH,
-    REQUEST_ID_PATTERN,
-)
+from schemas.messages import REQUEST_ID_PATTERN
 from schemas.tensors import Datatype
-from schemas.topics import is_topic_name
+from schemas.wire import plain_scalar_fields
 from workers.fingerprint import digest_of, finish, single_input_hasher
 from workers.models import VARIABLE_DIM, LoadedModel
 
@@ -123,29 +118,14 @@ class FastReader:
             return None
         request_id = message.get("id")
         name = message.get("model")
-        version = message.get("version")
         if type(request_id) is not str or _REQUEST_ID.fullmatch(request_id) is None:
             return None
-        if type(name) is not str or not (version is None or _positive_int64(version)):
+        if type(name) is not str or not plain_scalar_fields(message):
             return None
         parameters = message.get("parameters")
         if parameters is not None and parameters != {}:  # the full codec checks the rest
             return None
-        reply_to = message.get("reply_to")
-        if reply_to is not None and not (type(reply_to) is str and is_topic_name(reply_to)):
-            return None
-        trace = message.get("trace")
-        if trace is not None and not (type(trace) is str and len(trace) <= MAX_TRACE_LENGTH):
-            return None
-        deadline_ms = message.get("deadline_ms")
-        created_ms = message.get("created_ms")
-        priority = message.get("priority")
-        if not (_millis(deadline_ms) and _millis(created_ms)):
-            return None
-        if priority is not None and not (
-            type(priority) is int and INT64_MIN <= priority <= INT64_MAX
-        ):
-            return None
+        version = message.get("version")
         model = resolve(name, version)
         if model is None:
             return None
@@ -158,10 +138,10 @@ class FastReader:
             model=model,
             inputs=arrays,
             rows=rows,
-            reply_to=reply_to,
-            deadline_ms=deadline_ms,
-            created_ms=created_ms,
-            priority=priority or 0,
+            reply_to=message.get("reply_to"),
+            deadline_ms=message.get("deadline_ms"),
+            created_ms=message.get("created_ms"),
+            priority=message.get("priority") or 0,
             digest=self._digest(name, version, parts),
         )
 
@@ -220,11 +200,3 @@ class FastReader:
             arrays[spec.index] = np.frombuffer(data, dtype=spec.dtype).reshape(shape)
             parts.append((name, spec.datatype, shape, data))
         return tuple(arrays), rows, parts  # type: ignore[arg-type]  # every slot filled
-
-
-def _positive_int64(value: object) -> bool:
-    return type(value) is int and 1 <= value <= INT64_MAX
-
-
-def _millis(value: object) -> bool:
-    return value is None or (type(value) is int and 0 <= value <= INT64_MAX)
