@@ -1,6 +1,11 @@
 """The worker's record types: where a request came from (`RecordSource`), who its answer
 goes to (`Addressee`), a request waiting to run (`PendingRequest`, under its `BatchKey`) and
-what leaves the worker for it (`Answer`)."""
+what leaves the worker for it (`Answer`).
+
+One or more of these is built per request, so they are plain slotted dataclasses, not
+frozen ones (which cost about 1 µs more per construction here): treat them as values and
+use `dataclasses.replace` to change one.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from workers.models import InputSignature, LoadedModel
 from workers.offsets import PartitionOffsets
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordSource:
     """Where a request came from: its partition (a ``TopicPartition``) and offset."""
 
@@ -33,7 +38,7 @@ class RecordSource:
         return f"{self.topic}/{getattr(self.partition, 'partition', '?')}/{self.offset}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Addressee:
     """Everything an answer to one request needs: who asked, in which encoding, and where
     the result goes (resolved once, at admission)."""
@@ -98,7 +103,7 @@ class PendingRequest:
         return self.to.source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     """One record to write: a result (cached in Redis first) or a dead letter (Kafka only).
 

@@ -117,6 +117,8 @@ class _Outgoing:
     alone: bool = False
     """Sent in a batch of its own: a batch that held it was refused."""
     missing_rounds: int = 0
+    size: int = 0
+    """`_record_bytes` of the answer, as last sized by `_fit`."""
 
 
 @dataclass(slots=True)
@@ -337,10 +339,14 @@ class ResultWriter:
         """
         ready: list[_Outgoing] = []
         waiting: list[_Outgoing] = []
+        limits: dict[str, int | None] = {}
         for item in pending:
             while True:
                 answer = item.answer
-                limit = await self._limit(answer.topic)
+                if answer.topic in limits:
+                    limit = limits[answer.topic]
+                else:
+                    limit = limits[answer.topic] = await self._limit(answer.topic)
                 if limit is None and answer.fallback_topic is not None:
                     log.warning(
                         "reply_topic_missing", topic=answer.topic,
@@ -357,7 +363,7 @@ class ResultWriter:
                     else:
                         self._give_up(item, delivered, reason="missing_topic")
                     break
-                size = _record_bytes(answer)
+                size = item.size = _record_bytes(answer)
                 capacity = min(limit, self._max_record_bytes) - BATCH_OVERHEAD_BYTES
                 if size <= capacity:
                     ready.append(item)
@@ -457,7 +463,7 @@ class ResultWriter:
                 batch = _BatchInProgress(producer.create_batch())
                 for index in members:
                     answer = items[index].answer
-                    size = _record_bytes(answer)
+                    size = items[index].size
                     if batch.members and (items[index].alone or batch.full_for(size, capacity)):
                         await flight.submit(producer, batch, topic, partition)
                         batch = _BatchInProgress(producer.create_batch())
