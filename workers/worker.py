@@ -66,6 +66,8 @@ CLOSE_MIN_S = 1.0
 """Least time given to each client's close, even past the bound."""
 WRITE_GROUP_BYTES = 16 * 1024 * 1024
 """Coalesce queued answers into one write up to this many bytes of results."""
+ADMIT_SLICE = 128
+"""Records admitted between two yields to the event loop."""
 RESUME_FRACTION = 0.75
 """Paused intake resumes once in-flight requests fall to this fraction of the bound."""
 
@@ -152,7 +154,9 @@ class Worker:
                 client_id=f"{s.kafka.client_id}-{s.worker_id}",
                 acks="all",
                 enable_idempotence=True,
-                linger_ms=2,
+                # The writer builds whole batches itself; lingering only delays their send
+                # (a group's Kafka write took 12.8 ms at the median with 2 ms, 4.8 with 0).
+                linger_ms=0,
                 max_batch_size=512 * 1024,
                 max_request_size=s.max_message_bytes,
                 request_timeout_ms=s.kafka.request_timeout_ms,
@@ -395,9 +399,16 @@ class Worker:
         admit = self._admission.admit
         answers: list[Answer] = []
         admitted: list[PendingRequest] = []
+        since_yield = 0
         for partition, records in polled.items():
             lease = self._tracker.track_many(partition, [record.offset for record in records])
             for record in records:
+                since_yield += 1
+                if since_yield == ADMIT_SLICE:
+                    # A large poll takes tens of ms to admit: let dispatch and the writer
+                    # run meanwhile, or every batch in flight waits for the whole poll.
+                    since_yield = 0
+                    await asyncio.sleep(0)
                 outcome = admit(
                     source=RecordSource(partition, record.offset, lease),
                     key=record.key,
