@@ -22,10 +22,11 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections import Counter
 
-from bench.e2e import SCENARIOS, Bench
+from bench.e2e import INFERQ_KEYS_PER_ANSWER, SCENARIOS, Bench
 from workers.example_models import write_example_models
 
 STAGES = (
@@ -75,7 +76,12 @@ async def profile(count: int, seconds: float, out: Path) -> Path:
                 "--format", "raw", "--rate", "200", "--duration", str(int(seconds)),
                 "--output", str(out), "--nonblocking",
             ]  # fmt: skip
+            before = await bench.redis.dbsize()
+            started = time.perf_counter()
             await asyncio.to_thread(subprocess.run, record, check=True, stdout=subprocess.DEVNULL)
+            answered = (await bench.redis.dbsize() - before) // INFERQ_KEYS_PER_ANSWER
+            rate = answered / (time.perf_counter() - started)
+            print(f"answered while recording: {answered:,} ({rate:,.0f}/s)")
         finally:
             worker.terminate()
             await asyncio.to_thread(worker.wait, 60)

@@ -52,6 +52,8 @@ class Admission:
     """The fast path for plain msgpack requests."""
     _keys: dict[tuple[str, int], BatchKey] = field(init=False, default_factory=dict)
     """Each model version's batch key for requests of its exact signature."""
+    _routes: dict[str, tuple[str, str]] = field(init=False, default_factory=dict)
+    """Each request topic's model name and results topic."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fast", FastReader(limits=self.limits))
@@ -97,11 +99,16 @@ class Admission:
         received_at: float,
         received_ms: int,
     ) -> PendingRequest | Answer:
-        topic_model = self.topics.model_of_request_topic(source.topic) or "unknown"
+        topic = source.topic
+        route = self._routes.get(topic)
+        if route is None:
+            topic_model = self.topics.model_of_request_topic(topic) or "unknown"
+            route = self._routes[topic] = (topic_model, self.topics.results(topic_model))
+        topic_model, results = route
         if value is not None and (not headers or _names_msgpack(headers)):
             plain = self.fast.read(value, self._served)
             if plain is not None:
-                return self._admit_plain(plain, source, topic_model, received_at, received_ms)
+                return self._admit_plain(plain, source, results, received_at, received_ms)
         try:
             content_type = content_type_of(headers)
             request = decode_request(value or b"", content_type, limits=self.limits)
@@ -112,12 +119,12 @@ class Admission:
                 )
             to, _ = self._addressee(
                 source, error.request_id, error.model or topic_model, error.reply_to,
-                _content_type_or_default(headers), record_digest(value or b""), topic_model,
+                _content_type_or_default(headers), record_digest(value or b""), results,
             )  # fmt: skip
             return self.answers.failed(to, error.code, error.message)
         to, refusal = self._addressee(
             source, request.id, request.model, request.reply_to, content_type,
-            request_digest(request), topic_model,
+            request_digest(request), results,
         )  # fmt: skip
         if refusal is not None:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
@@ -146,14 +153,14 @@ class Admission:
         self,
         plain: PlainRequest,
         source: RecordSource,
-        topic_model: str,
+        results: str,
         received_at: float,
         received_ms: int,
     ) -> PendingRequest | Answer:
         model = plain.model
         to, refusal = self._addressee(
             source, plain.request_id, model.name, plain.reply_to, ContentType.MSGPACK,
-            plain.digest, topic_model,
+            plain.digest, results,
         )  # fmt: skip
         if refusal is not None:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
@@ -194,14 +201,13 @@ class Admission:
         reply_to: str | None,
         content_type: ContentType,
         digest: bytes,
-        topic_model: str,
+        results: str,
     ) -> tuple[Addressee, str | None]:
         """Where the answer goes, and why `reply_to` was refused (None when it was not).
 
         A refused `reply_to` is answered on the model's results topic: a request must not
-        be able to write into a topic of its choosing.
+        be able to write into a topic of its choosing. ``results``: the model's results topic.
         """
-        results = self.topics.results(topic_model)
         refusal = None if reply_to is None else self._reply_to_refusal(reply_to)
         if reply_to is None or refusal is not None:
             return Addressee(source, request_id, model, results, content_type, digest), refusal

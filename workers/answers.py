@@ -30,6 +30,10 @@ from workers.records import Addressee, Answer, PendingRequest, RecordSource
 
 Headers = Sequence[tuple[str, bytes]]
 MAX_ERROR_MESSAGE_BYTES = 4096
+_CONTENT_TYPE_HEADERS = {
+    content_type: ((HEADER_CONTENT_TYPE, content_type.value.encode()),)
+    for content_type in ContentType
+}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -228,7 +232,7 @@ class Answers:
             topic=to.topic,
             key=to.request_id.encode(),
             value=value,
-            headers=((HEADER_CONTENT_TYPE, to.content_type.value.encode()),),
+            headers=_CONTENT_TYPE_HEADERS[to.content_type],
             model=to.model,
             outcome=outcome,
             code=code,
