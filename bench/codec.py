@@ -10,6 +10,12 @@ reference: no validation, no tensor objects), and the ratio. Prints a table and 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in {None, ""}:  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import datetime as dt
 import json

@@ -16,6 +16,12 @@ plain transport limit and, with `--with-redis`, the Redis variant next to it on 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in {None, ""}:  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import dataclasses
