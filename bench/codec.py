@@ -22,7 +22,6 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack

@@ -32,7 +32,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
