@@ -504,7 +504,7 @@ async def run_scenario(
     async def measure_model_limit() -> LimitResult:
         return await asyncio.to_thread(
             model_limit,
-            model_file=bench.models_dir / scenario.model / "1" / "model.pt",
+            model_file=bench.models_dir / scenario.model / "1",
             input_shape=scenario.row_shape,
             batch_size=config.max_batch_size,
             threads=bench.threads,

@@ -43,8 +43,8 @@ from schemas.topics import TopicNames
 from workers.example_models import EXAMPLE_MODELS, write_example_models
 from workers.memory import MemoryConsumer, MemoryPartition, MemoryRecord, MemoryWriter
 from workers.metrics import WorkerMetrics
-from workers.models import DirectoryModelRepository
 from workers.process import settle_garbage_collector
+from workers.repository import DirectoryModelRepository
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.worker import Worker

@@ -42,7 +42,7 @@ from aiokafka.partitioner import murmur2
 from rich.console import Console
 from rich.table import Table
 
-from workers.models import MODEL_FILENAME, torchscript_deprecation_silenced
+from workers.repository import open_version
 from workers.results import SET_FIRST_WINS
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,18 +93,18 @@ def model_limit(
     seconds: float = 5.0,
     warmup_batches: int = 20,
 ) -> LimitResult:
-    """Rows/s of the TorchScript model alone at `batch_size` on `threads` intra-op threads.
+    """Rows/s of the model alone at `batch_size` on `threads` intra-op threads.
 
-    model_file: a TorchScript `model.pt` (or its version directory). input_shape: one row's
+    model_file: a version directory (or the model file in one). input_shape: one row's
     shape, without the batch dimension. seconds: how long to time forwards after
     `warmup_batches` untimed ones. Runs in the calling thread and restores its torch thread
     count afterwards.
     """
     if batch_size < 1 or threads < 1 or seconds <= 0 or warmup_batches < 0:
         raise ValueError("batch_size and threads must be >= 1, seconds > 0, warmup_batches >= 0")
-    path = model_file / MODEL_FILENAME if model_file.is_dir() else model_file
-    with torchscript_deprecation_silenced():
-        module = torch.jit.load(str(path), map_location="cpu").eval()  # type: ignore[no-untyped-call]
+    version_dir = model_file if model_file.is_dir() else model_file.parent
+    module = open_version(version_dir).module
+    model_name = version_dir.parent.name
     generator = torch.Generator().manual_seed(0)
     # A few distinct batches so the timing does not ride on one tensor staying in cache.
     inputs = [
@@ -132,7 +132,7 @@ def model_limit(
     batches = len(latencies_s)
     ordered = sorted(latencies_s)
     return LimitResult(
-        name=f"{path.parent.parent.name or path.stem} batch {batch_size}, {threads} threads",
+        name=f"{model_name} batch {batch_size}, {threads} threads",
         rate_per_s=batches * batch_size / elapsed,
         unit="samples/s",
         count=batches * batch_size,
@@ -471,7 +471,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="where to write the JSON report")
     commands = parser.add_subparsers(dest="command", required=True)
     model = commands.add_parser("model", help="the model alone, batched forwards")
-    model.add_argument("--model-file", type=Path, required=True, help="TorchScript model.pt")
+    model.add_argument("--model-file", type=Path, required=True, help="model version directory")
     model.add_argument("--shape", type=int, nargs="+", required=True, help="one row's shape")
     model.add_argument("--batch-size", type=int, nargs="+", default=[32], help="rows per batch")
     model.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads")

@@ -21,8 +21,9 @@ from schemas.topics import TOPIC_NAME_PATTERN
 
 REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
 """A request id: 1 to 128 of `[A-Za-z0-9._:-]` (safe in Kafka keys, Redis keys and logs)."""
-MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9._-]{1,200}$"
-"""A model name: 1 to 200 characters that are legal in a Kafka topic name."""
+MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+"""A model name: 1 to 200 of `[A-Za-z0-9._-]`, a letter or digit first (a model name is also
+a directory of the model repository and part of a topic name, so `.`, `..` and `-x` are out)."""
 MAX_TRACE_LENGTH: Final = 256
 """The longest `trace` accepted; a W3C traceparent is 55 characters."""
 INT64_MAX: Final = 2**63 - 1

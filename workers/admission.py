@@ -24,8 +24,9 @@ from workers.answers import Answers
 from workers.errors import WorkerError
 from workers.fastpath import FastReader, PlainRequest
 from workers.fingerprint import record_digest, request_digest
-from workers.models import InputSignature, LoadedModel, ModelRepository
+from workers.models import InputSignature, LoadedModel
 from workers.records import Addressee, Answer, BatchKey, PendingRequest, RecordSource
+from workers.repository import ModelRepository
 
 Headers = Sequence[tuple[str, bytes]]
 log = structlog.get_logger(__name__)
@@ -36,7 +37,7 @@ __all__ = ["Admission", "Answer", "BatchKey", "PendingRequest", "RecordSource", 
 def batch_key(model: LoadedModel, inputs: Sequence[InputSignature]) -> BatchKey:
     """The key of the batch a request joins: its model version and per-row input shapes."""
     signature = tuple(sorted(InputSignature(s.name, s.datatype, s.shape[1:]) for s in inputs))
-    return BatchKey(model.name, model.version, signature)
+    return BatchKey(model.name, model.version, signature, model)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,13 +51,19 @@ class Admission:
     """A request's `reply_to` must start with one of these (and name no reserved topic)."""
     fast: FastReader = field(init=False)
     """The fast path for plain msgpack requests."""
-    _keys: dict[tuple[str, int], BatchKey] = field(init=False, default_factory=dict)
+    _keys: dict[LoadedModel, BatchKey] = field(init=False, default_factory=dict)
     """Each model version's batch key for requests of its exact signature."""
     _routes: dict[str, tuple[str, str]] = field(init=False, default_factory=dict)
     """Each request topic's model name and results topic."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fast", FastReader(limits=self.limits))
+
+    def forget_models(self) -> None:
+        """Drop what is cached per model version: the repository has changed."""
+        self._keys.clear()
+        self.fast.forget_models()
+        self.answers.forget_models()
 
     @property
     def topics(self) -> TopicNames:
@@ -167,13 +174,13 @@ class Admission:
         deadline_ms = plain.deadline_ms
         if deadline_ms is not None and deadline_ms <= received_ms:
             return self.answers.expired(to, deadline_ms=deadline_ms, version=model.version)
-        key = self._keys.get((model.name, model.version))
+        key = self._keys.get(model)
         if key is None:
             signatures = [
                 InputSignature(spec.name, spec.datatype, (1, *spec.shape))
                 for spec in model.config.inputs
             ]
-            key = self._keys[(model.name, model.version)] = batch_key(model, signatures)
+            key = self._keys[model] = batch_key(model, signatures)
         return PendingRequest(
             to=to,
             model=model,

@@ -47,6 +47,10 @@ class Answers:
     )
     """The ok-result encoder of each model version, built on first use."""
 
+    def forget_models(self) -> None:
+        """Drop the encoders built per model version: the repository has changed."""
+        self._templates.clear()
+
     def result(self, to: Addressee, result: InferenceResult, outcome: Outcome) -> Answer:
         """The answer carrying ``result``, cached in Redis under the request id."""
         code = result.error.code.value if result.error is not None else ""

@@ -89,9 +89,23 @@ class RunnerClosedError(InternalError):
 
 
 class ModelLoadError(WorkerError):
-    """The model repository is broken (layout, config, checksum, module); raised at startup."""
+    """A model version cannot be served (layout, config, checksums, module, warm-up)."""
 
     code = ErrorCode.INTERNAL
+    reason: ClassVar[str] = "load"
+    """The `reason` label of `inferq_model_load_failures_total`."""
+
+
+class ModelConfigError(ModelLoadError):
+    """A version's `config.json` (or its model's `model.json`) is missing or invalid."""
+
+    reason = "config"
+
+
+class WarmUpError(ModelLoadError):
+    """A version loaded, but its warm-up forward failed or disagreed with its config."""
+
+    reason = "warm_up"
 
 
 class DeviceUnavailableError(WorkerError):

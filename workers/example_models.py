@@ -1,14 +1,13 @@
 """Deterministic example models written as a model repository, for demos and tests.
 
-    python -m workers.example_models --out models
+    python -m workers.example_models --out models [--format torch_export]
 
-Weights come from fixed seeds, so the same version is byte-identical on every run.
+Weights come from fixed seeds, so a version has the same weights in every format and run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.models import (
-    CONFIG_FILENAME,
-    MODEL_FILENAME,
-    ModelConfig,
-    TensorSpec,
-    torchscript_deprecation_silenced,
-)
+from workers.authoring import write_version
+from workers.formats import ModelFormat
+from workers.models import ModelConfig, TensorSpec
+from workers.repository import ModelManifest, VersionPolicy
 
 
 class MLP(nn.Module):
@@ -70,6 +66,8 @@ class ExampleModel:
     seed: int
     """Seed of torch's generator while the weights are initialised."""
     build: Callable[[], nn.Module]
+    factory: str
+    """The same builder as `package.module:callable`, for the weights-only formats."""
     config: ModelConfig
 
 
@@ -78,69 +76,80 @@ def _fp32(name: str, *shape: int) -> TensorSpec:
 
 
 _MLP_CONFIG = ModelConfig(inputs=(_fp32("input", 784),), outputs=(_fp32("logits", 10),))
+_MLP_FACTORY = "workers.example_models:MLP"
 
 EXAMPLE_MODELS: tuple[ExampleModel, ...] = (
-    ExampleModel(name="mlp", version=1, seed=1, build=MLP, config=_MLP_CONFIG),
-    ExampleModel(name="mlp", version=2, seed=2, build=MLP, config=_MLP_CONFIG),
+    ExampleModel(
+        name="mlp", version=1, seed=1, build=MLP, factory=_MLP_FACTORY, config=_MLP_CONFIG
+    ),
+    ExampleModel(
+        name="mlp", version=2, seed=2, build=MLP, factory=_MLP_FACTORY, config=_MLP_CONFIG
+    ),
     ExampleModel(
         name="cnn",
         version=1,
         seed=3,
         build=SmallCNN,
+        factory="workers.example_models:SmallCNN",
         config=ModelConfig(inputs=(_fp32("input", 3, 64, 64),), outputs=(_fp32("logits", 10),)),
     ),
 )
 
+EXAMPLE_MANIFESTS = {"mlp": ModelManifest(version_policy=VersionPolicy(latest=2))}
+"""Both mlp versions serve (requests may name either); cnn keeps the default, latest: 1."""
 
-def build_example(example: ExampleModel) -> torch.jit.ScriptModule:
-    """The example's TorchScript module, its weights drawn from its seed (global RNG untouched)."""
+
+def build_example(example: ExampleModel) -> nn.Module:
+    """The example's module in eval mode, its weights drawn from its seed (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(example.seed)
-        module = example.build().eval()
-    with torchscript_deprecation_silenced():
-        scripted: torch.jit.ScriptModule = torch.jit.script(module)
-    return scripted
+        return example.build().eval()
 
 
-def write_model(
-    *, root: Path, name: str, version: int, module: torch.jit.ScriptModule, config: ModelConfig
+def write_example(
+    root: Path,
+    example: ExampleModel,
+    fmt: ModelFormat = ModelFormat.TORCH_EXPORT,
+    *,
+    name: str | None = None,
+    version: int | None = None,
 ) -> Path:
-    """Write `{root}/{name}/{version}/` (model.pt, config.json with its sha256); return that dir."""
-    version_dir = root / name / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    module_path = version_dir / MODEL_FILENAME
-    module.save(str(module_path))
-    digest = hashlib.sha256(module_path.read_bytes()).hexdigest()
-    config = config.model_copy(update={"sha256": digest})
-    (version_dir / CONFIG_FILENAME).write_text(config.model_dump_json(indent=2) + "\n")
-    return version_dir
+    """Write one example version in ``fmt`` (as ``name``/``version`` when given); its dir."""
+    name = name or example.name
+    return write_version(
+        root=root,
+        name=name,
+        module=build_example(example),
+        config=example.config,
+        fmt=fmt,
+        version=version or example.version,
+        factory=example.factory,
+        manifest=EXAMPLE_MANIFESTS.get(name),
+    )
 
 
-def write_example_models(root: Path) -> list[Path]:
-    """Write every example model under `root`, replacing earlier copies; return the version dirs."""
-    return [
-        write_model(
-            root=root,
-            name=example.name,
-            version=example.version,
-            module=build_example(example),
-            config=example.config,
-        )
-        for example in EXAMPLE_MODELS
-    ]
+def write_example_models(root: Path, fmt: ModelFormat = ModelFormat.TORCH_EXPORT) -> list[Path]:
+    """Write every example model under ``root`` in ``fmt``, replacing earlier copies."""
+    return [write_example(root, example, fmt) for example in EXAMPLE_MODELS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the example models into a repository directory."""
     parser = argparse.ArgumentParser(
         prog="python -m workers.example_models",
-        description="Write deterministic example TorchScript models and their config.json.",
+        description="Write the deterministic example models (config.json, SHA256SUMS).",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("models"), help="repository root (default: models)"
     )
+    parser.add_argument(
+        "--format",
+        choices=[fmt.value for fmt in ModelFormat],
+        default=ModelFormat.TORCH_EXPORT.value,
+        help="model file format (default: torch_export)",
+    )
     args = parser.parse_args(argv)
-    for version_dir in write_example_models(args.out):
+    for version_dir in write_example_models(args.out, ModelFormat(args.format)):
         print(version_dir)
     return 0
 

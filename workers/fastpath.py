@@ -106,6 +106,11 @@ class FastReader:
         self._hashers: dict[tuple[str, int | None, int], Hasher] = {}
         """Digest prefixes of one-input requests by (model, requested version, rows)."""
 
+    def forget_models(self) -> None:
+        """Drop the layouts and digest prefixes built per model version."""
+        self._layouts.clear()
+        self._hashers.clear()
+
     def read(self, value: bytes, resolve: ModelResolver) -> PlainRequest | None:
         """The plain request in ``value``, or None when it needs the full codec."""
         if type(value) is not bytes or len(value) >= self._max_bytes:

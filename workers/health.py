@@ -1,14 +1,20 @@
-"""A small asyncio HTTP server: /metrics, /healthz (alive) and /readyz (serving)."""
+"""A small asyncio HTTP server: /metrics, /healthz (alive), /readyz (serving), /models."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from workers.repository import VersionStatus
 
 log = structlog.get_logger(__name__)
 
@@ -25,7 +31,10 @@ class HealthServer:
         is_ready: Callable[[], bool],
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod
         port: int,
+        models: Callable[[], Iterable[VersionStatus]] | None = None,
     ) -> None:
+        """models: the model versions' states, served as JSON at /models."""
+        self._models = models
         self._registry = registry
         self._is_ready = is_ready
         self._host = host
@@ -82,4 +91,7 @@ class HealthServer:
             if self._is_ready():
                 return "200 OK", "text/plain", b"ready\n"
             return "503 Service Unavailable", "text/plain", b"not ready\n"
+        if path == "/models" and self._models is not None:
+            body = json.dumps({"models": [asdict(status) for status in self._models()]})
+            return "200 OK", "application/json", body.encode() + b"\n"
         return "404 Not Found", "text/plain", b"not found\n"

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+    from workers.repository import VersionStatus
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -71,6 +79,22 @@ class WorkerMetrics:
             registry=r,
         )
 
+        self.model_load_failures = Counter(
+            "inferq_model_load_failures",
+            "Model versions refused at load, by reason: checksums, incomplete, config, "
+            "unsafe_checkpoint, load or warm_up.",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+
+    def model_load_failed(self, model: str, version: int, reason: str) -> None:
+        """Count one refused load of a model version."""
+        self.model_load_failures.labels(model=model, version=str(version), reason=reason).inc()
+
+    def watch_models(self, statuses: Callable[[], Iterable[VersionStatus]]) -> None:
+        """Export each known version's state, memory and load time, read at every scrape."""
+        self.registry.register(_ModelCollector(statuses))
+
     def answered(self, model: str, outcome: Outcome, code: str = "") -> None:
         """Count one request leaving the worker."""
         self.requests.labels(model=model, outcome=outcome.value, code=code).inc()
@@ -79,3 +103,35 @@ class WorkerMetrics:
         """Count requests leaving the worker, by (model, outcome, code)."""
         for (model, outcome, code), count in counts.items():
             self.requests.labels(model=model, outcome=outcome.value, code=code).inc(count)
+
+
+class _ModelCollector(Collector):
+    """`inferq_model_ready`, `inferq_model_memory_bytes`, `inferq_model_load_seconds`."""
+
+    def __init__(self, statuses: Callable[[], Iterable[VersionStatus]]) -> None:
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        ready = GaugeMetricFamily(
+            "inferq_model_ready", "1 while a model version serves; 0 failed or draining.",
+            labels=labels,
+        )  # fmt: skip
+        memory = GaugeMetricFamily(
+            "inferq_model_memory_bytes", "Bytes of a serving version's weights.", labels=labels
+        )
+        seconds = GaugeMetricFamily(
+            "inferq_model_load_seconds",
+            "Time a serving version took to load, checksums and warm-up included.",
+            labels=labels,
+        )
+        for status in self._statuses():
+            values = [status.model, str(status.version)]
+            ready.add_metric(values, 1.0 if status.state == "ready" else 0.0)
+            if status.memory_bytes is not None:
+                memory.add_metric(values, float(status.memory_bytes))
+            if status.load_seconds is not None:
+                seconds.add_metric(values, status.load_seconds)
+        yield ready
+        yield memory
+        yield seconds

@@ -1,19 +1,14 @@
-"""A minimal model repository: `{root}/{name}/{version}/model.pt` + `config.json`, loaded once."""
+"""What a model version is: its config (`config.json`), its signature, and the loaded module."""
 
 from __future__ import annotations
 
-import hashlib
-import time
 import warnings
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, NamedTuple, Protocol
+from typing import Annotated, NamedTuple
 
-import pydantic
-import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,15 +17,10 @@ from workers.errors import (
     DtypeMismatchError,
     InferenceFailedError,
     InputNameMismatchError,
-    ModelLoadError,
     ShapeMismatchError,
-    UnknownModelError,
-    UnknownVersionError,
 )
+from workers.formats import FACTORY_PATTERN, Forward, ModelFormat
 
-log = structlog.get_logger(__name__)
-
-MODEL_FILENAME = "model.pt"
 CONFIG_FILENAME = "config.json"
 VARIABLE_DIM = -1
 """A dimension of a `TensorSpec.shape` that accepts any size."""
@@ -133,8 +123,10 @@ class ModelConfig(BaseModel):
     """Most rows (summed over requests) in one forward pass."""
     max_batch_delay_ms: Annotated[float, Field(ge=0.0)] = 5.0
     """Longest a request waits for a batch to fill, in milliseconds."""
-    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
-    """Hex SHA-256 of `model.pt`, checked at load when given."""
+    format: ModelFormat | None = None
+    """How the model file is stored; None: told by the file's name (see `workers.formats`)."""
+    factory: Annotated[str | None, Field(pattern=FACTORY_PATTERN.pattern)] = None
+    """`package.module:callable` building the module, for weights-only formats."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelConfig:
@@ -165,16 +157,20 @@ def signature_of(tensors: Mapping[str, torch.Tensor]) -> list[InputSignature]:
     return signatures
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False, weakref_slot=True)
 class LoadedModel:
-    """One model version, loaded on its device and ready to run."""
+    """One model version, loaded on its device and ready to run.
+
+    Compared and hashed by identity: a version loaded again is another `LoadedModel`.
+    """
 
     name: str
     version: int
     config: ModelConfig
-    module: torch.nn.Module
-    """A TorchScript module in production; any module taking the inputs positionally works."""
+    module: Forward
+    """Called with the batched inputs positionally (an `nn.Module`, an AOTInductor model)."""
     device: torch.device
+    format: ModelFormat = ModelFormat.TORCH_EXPORT
 
     input_datatypes: tuple[Datatype, ...] = field(init=False, repr=False, compare=False)
     """The wire datatype of each input, in `config.inputs` order."""
@@ -305,200 +301,3 @@ class LoadedModel:
         return InferenceFailedError(
             f"model {self.label} {what}", model=self.name, version=self.version
         )
-
-
-class ModelRepository(Protocol):
-    """Where the worker finds the models it serves."""
-
-    def get(self, name: str, version: int | None = None) -> LoadedModel:
-        """The loaded model; `version=None` means the latest loaded version."""
-        ...
-
-    def names(self) -> list[str]:
-        """Names of the loaded models, sorted."""
-        ...
-
-    def models(self) -> list[LoadedModel]:
-        """Every loaded model version, sorted by name then version."""
-        ...
-
-
-def _parse_version(entry: Path) -> int | None:
-    """The version a directory entry stands for, or None when it is not a version directory."""
-    if not entry.is_dir() or not entry.name.isdigit() or not entry.name.isascii():
-        return None
-    version = int(entry.name)
-    return version if version >= 1 and str(version) == entry.name else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def warm_up(model: LoadedModel) -> None:
-    """Run one forward pass of zeros at batch 1 (variable dims as 1) and check its outputs."""
-    inputs = [
-        torch.zeros(
-            (1, *(1 if dim == VARIABLE_DIM else dim for dim in spec.shape)),
-            dtype=torch_dtype(spec.datatype),
-            device=model.device,
-        )
-        for spec in model.config.inputs
-    ]
-    with torch.inference_mode():
-        model.collect_outputs(model.module(*inputs), rows=1)
-
-
-class DirectoryModelRepository:
-    """Models read from `{root}/{name}/{version}/` (TorchScript `model.pt` + `config.json`)."""
-
-    def __init__(
-        self,
-        *,
-        root: Path,
-        device: torch.device,
-        names: Collection[str] | None = None,
-        warmup: bool = True,
-    ) -> None:
-        """Configure; nothing is read until `load()`.
-
-        root: directory holding one subdirectory per model name.
-        device: where modules are loaded (`map_location`) and run.
-        names: model names to load; None loads every model under `root`.
-        warmup: run one batch-1 forward of zeros per model at load to catch broken modules.
-        """
-        if isinstance(names, str):
-            raise TypeError("names must be a collection of model names, not one string")
-        if names is not None and (not names or not all(names)):
-            raise ValueError(f"names must be None or non-empty model names, got {names!r}")
-        self._root = root
-        self._device = device
-        self._wanted = frozenset(names) if names is not None else None
-        self._warmup = warmup
-        self._models: dict[str, dict[int, LoadedModel]] = {}
-
-    def load(self) -> None:
-        """Load every wanted model version; ModelLoadError when anything is broken.
-
-        Blocking (file reads, deserialization, warm-up): call before serving starts.
-        """
-        if not self._root.is_dir():
-            raise ModelLoadError(f"model repository {self._root} is not a directory")
-        loaded: dict[str, dict[int, LoadedModel]] = {}
-        for model_dir in sorted(self._root.iterdir()):
-            name = model_dir.name
-            if not model_dir.is_dir():
-                log.info("ignoring repository entry", path=str(model_dir), reason="not a directory")
-                continue
-            if self._wanted is not None and name not in self._wanted:
-                continue
-            versions = self._load_versions(model_dir)
-            if versions:
-                loaded[name] = versions
-            elif self._wanted is not None:
-                raise ModelLoadError(f"model {name!r} has no version directories in {model_dir}")
-            else:
-                log.warning("ignoring repository entry", path=str(model_dir), reason="no versions")
-        missing = sorted((self._wanted or frozenset()) - set(loaded))
-        if missing:
-            raise ModelLoadError(f"models {missing} not found in repository {self._root}")
-        if not loaded:
-            raise ModelLoadError(f"model repository {self._root} holds no models")
-        self._models = loaded
-
-    def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
-        versions: dict[int, LoadedModel] = {}
-        for entry in sorted(model_dir.iterdir()):
-            version = _parse_version(entry)
-            if version is None:
-                log.info("ignoring repository entry", path=str(entry), reason="not a version")
-                continue
-            versions[version] = self._load_version(model_dir.name, version, entry)
-        return versions
-
-    def _load_version(self, name: str, version: int, version_dir: Path) -> LoadedModel:
-        label = f"{name}:{version}"
-        started = time.perf_counter()
-        config_path = version_dir / CONFIG_FILENAME
-        module_path = version_dir / MODEL_FILENAME
-        try:
-            config = ModelConfig.model_validate_json(config_path.read_bytes())
-        except (OSError, pydantic.ValidationError) as error:
-            raise ModelLoadError(
-                f"model {label}: bad {config_path}: {error}", model=name, version=version
-            ) from error
-        if not module_path.is_file():
-            raise ModelLoadError(
-                f"model {label}: {module_path} is missing", model=name, version=version
-            )
-        if config.sha256 is not None:
-            actual = _sha256(module_path)
-            if actual != config.sha256:
-                raise ModelLoadError(
-                    f"model {label}: sha256 of {module_path} is {actual}, "
-                    f"config.json says {config.sha256}",
-                    model=name,
-                    version=version,
-                )
-        try:
-            with torchscript_deprecation_silenced():
-                module = torch.jit.load(  # type: ignore[no-untyped-call]
-                    str(module_path), map_location=self._device
-                )
-        except Exception as error:
-            raise ModelLoadError(
-                f"model {label}: cannot load {module_path}: {error}", model=name, version=version
-            ) from error
-        module.eval()
-        model = LoadedModel(
-            name=name, version=version, config=config, module=module, device=self._device
-        )
-        if self._warmup:
-            try:
-                warm_up(model)
-            except Exception as error:
-                raise ModelLoadError(
-                    f"model {label}: warm-up forward failed: {error}", model=name, version=version
-                ) from error
-        log.info(
-            "model loaded",
-            model=name,
-            version=version,
-            device=str(self._device),
-            load_ms=round((time.perf_counter() - started) * 1000.0, 3),
-        )
-        return model
-
-    def get(self, name: str, version: int | None = None) -> LoadedModel:
-        """The loaded model; `version=None` means the latest loaded version."""
-        versions = self._models.get(name)
-        if versions is None:
-            raise UnknownModelError(
-                f"model {name!r} is not served here; served: {self.names()}", model=name
-            )
-        if version is None:
-            return versions[max(versions)]
-        model = versions.get(version)
-        if model is None:
-            raise UnknownVersionError(
-                f"model {name!r} has no version {version}; loaded: {sorted(versions)}",
-                model=name,
-                version=version,
-            )
-        return model
-
-    def names(self) -> list[str]:
-        """Names of the loaded models, sorted."""
-        return sorted(self._models)
-
-    def models(self) -> list[LoadedModel]:
-        """Every loaded model version, sorted by name then version."""
-        return [
-            self._models[name][version]
-            for name in self.names()
-            for version in sorted(self._models[name])
-        ]

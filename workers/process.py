@@ -8,11 +8,13 @@ import signal
 import sys
 
 import structlog
+import torch
 
 from workers.health import HealthServer
 from workers.logging import configure_logging
 from workers.metrics import WorkerMetrics
-from workers.models import DirectoryModelRepository
+from workers.reload import ModelReloader
+from workers.repository import DirectoryModelRepository
 from workers.runner import ModelRunner, resolve_device
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -27,20 +29,24 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     device = resolve_device(settings.device)
-    repository = DirectoryModelRepository(
-        root=settings.models_dir, device=device, names=settings.served_model_names
-    )
-    await asyncio.to_thread(repository.load)
-    if not repository.names():
-        raise SystemExit(f"no models to serve under {settings.models_dir}")
-    metrics = WorkerMetrics()
+    repository, reloader, metrics = await load_models(settings, device)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     settle_garbage_collector()
     async with ModelRunner(device=device, num_threads=settings.torch_threads) as runner:
-        worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
+        worker = Worker(
+            settings=settings,
+            repository=repository,
+            runner=runner,
+            metrics=metrics,
+            reloader=reloader,
+        )
         health = None
         if settings.http_port:
             health = HealthServer(
-                registry=metrics.registry, is_ready=lambda: worker.ready, port=settings.http_port
+                registry=metrics.registry,
+                is_ready=lambda: worker.ready,
+                port=settings.http_port,
+                models=repository.statuses,
             )
             await health.start()
         try:
@@ -48,6 +54,24 @@ async def serve(settings: WorkerSettings, *, stop: asyncio.Event | None = None) 
         finally:
             if health is not None:
                 await health.close()
+
+
+async def load_models(
+    settings: WorkerSettings, device: torch.device
+) -> tuple[DirectoryModelRepository, ModelReloader, WorkerMetrics]:
+    """Load the repository (off the loop); with the reloader that follows it and the metrics
+    that export it. ModelLoadError when nothing it must serve loads."""
+    repository = DirectoryModelRepository(
+        root=settings.models_dir, device=device, names=settings.served_model_names
+    )
+    started = await asyncio.to_thread(repository.load)
+    metrics = WorkerMetrics()
+    metrics.watch_models(repository.statuses)
+    reloader = ModelReloader(
+        repository=repository, interval_s=settings.model_poll_interval_s, metrics=metrics
+    )
+    reloader.report(started)
+    return repository, reloader, metrics
 
 
 def settle_garbage_collector() -> None:

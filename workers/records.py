@@ -75,6 +75,8 @@ class BatchKey:
     version: int
     signature: tuple[InputSignature, ...]
     """Each input's name, datatype and shape without the batch dimension."""
+    served: LoadedModel
+    """The loaded version (compared by identity): one loaded again batches apart."""
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

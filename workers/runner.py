@@ -160,14 +160,10 @@ class BatchExecution:
             self._to_device([request.inputs[position] for request in group], datatype)
             for position, datatype in enumerate(self._model.input_datatypes)
         ]
-        self.forward_passes += 1
-        result = self._model.module(*inputs)
         outputs = [
             _wire_array(output, datatype)
             for output, datatype in zip(
-                self._to_host(self._model.collect_outputs(result, rows=rows)),
-                self._model.output_datatypes,
-                strict=True,
+                self._to_host(self._call(inputs, rows)), self._model.output_datatypes, strict=True
             )
         ]
         per_request: list[tuple[NDArray[Any], ...]] = []
@@ -177,6 +173,21 @@ class BatchExecution:
             per_request.append(tuple(output[start:stop] for output in outputs))
             start = stop
         return per_request
+
+    def _call(self, inputs: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+        """The module's checked outputs; a lone request larger than `max_batch_size` runs in
+        slices of it, since an exported program's batch dimension is bounded by it."""
+        limit = self._model.config.max_batch_size
+        if rows <= limit:
+            self.forward_passes += 1
+            return self._model.collect_outputs(self._model.module(*inputs), rows=rows)
+        parts: list[list[torch.Tensor]] = []
+        for start in range(0, rows, limit):
+            stop = min(start + limit, rows)
+            self.forward_passes += 1
+            result = self._model.module(*(tensor[start:stop] for tensor in inputs))
+            parts.append(self._model.collect_outputs(result, rows=stop - start))
+        return [torch.cat(slices) for slices in zip(*parts, strict=True)]
 
     def _to_device(self, parts: Sequence[NDArray[Any]], datatype: Datatype) -> torch.Tensor:
         if self._device.type != "cuda":

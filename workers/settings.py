@@ -32,6 +32,12 @@ class WorkerSettings(BaseSettings):
     served_models: str = Field(
         default="", description="Comma-separated model names to serve; empty: all in models_dir."
     )
+    model_poll_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often the model repository is scanned for new, changed or removed "
+        "versions; 0: only on SIGHUP.",
+    )
     create_topics: bool = Field(
         default=True, description="Create missing request, result and dead-letter topics."
     )

@@ -6,6 +6,7 @@ after `restart_backoff_s`; one that exits 0 on its own is not. SIGTERM or SIGINT
 supervisor is forwarded to every child as SIGTERM; stragglers are killed after
 `shutdown_timeout_s`, and a second signal kills them at once. Children ignore SIGINT, since a
 terminal's Ctrl-C reaches the whole process group and the supervisor already forwards it.
+SIGHUP is passed on to every child, which then scans its model repository (hot reload).
 """
 
 from __future__ import annotations
@@ -37,13 +38,20 @@ EXIT_FAILURE = 1
 
 _RESTART_WINDOW_S = 60.0
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD_SIGNAL = signal.SIGHUP
+"""Passed on to every child: each scans its model repository at once."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
 def _child_main(target: Callable[[int], None], index: int) -> None:
-    """Entry point of a child process: leave Ctrl-C to the supervisor, then run the target."""
+    """Entry point of a child process: leave Ctrl-C to the supervisor, then run the target.
+
+    SIGHUP is ignored until the serving loop takes it over, so one that comes during start-up
+    does not kill the child.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     target(index)
 
 
@@ -123,7 +131,7 @@ class Supervisor:
     def run(self) -> int:
         """Start the children and block until all have exited; return the exit status.
 
-        Must be called from the main thread: it installs SIGTERM and SIGINT handlers for its
+        Must be called from the main thread: it installs SIGTERM, SIGINT and SIGHUP handlers for its
         duration and restores the previous ones before returning.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -141,7 +149,8 @@ class Supervisor:
                 os.write(wake_write, b"\0")
 
         previous: dict[signal.Signals, _SignalHandler] = {
-            signum: signal.signal(signum, on_signal) for signum in _SHUTDOWN_SIGNALS
+            signum: signal.signal(signum, on_signal)
+            for signum in (*_SHUTDOWN_SIGNALS, _RELOAD_SIGNAL)
         }
         slots = [_Slot(index=index) for index in range(self._procs)]
         try:
@@ -153,6 +162,12 @@ class Supervisor:
             os.close(wake_read)
             os.close(wake_write)
 
+    def _forward(self, slots: list[_Slot], signum: int) -> None:
+        for slot in slots:
+            if slot.process is not None and slot.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signum)
+
     def _supervise(self, slots: list[_Slot], wake_read: int, received: list[int]) -> int:
         stop_deadline: float | None = None
         killed = False
@@ -163,7 +178,9 @@ class Supervisor:
             now = time.monotonic()
             while received:
                 signum = received.pop(0)
-                if stop_deadline is None:
+                if signum == _RELOAD_SIGNAL:
+                    self._forward(slots, signum)
+                elif stop_deadline is None:
                     log.info("supervisor_stopping", signal=signal.Signals(signum).name)
                     stop_deadline = self._stop_all(slots, now)
                 elif not killed:

@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -44,11 +44,12 @@ from workers.catalog import TopicCatalog
 from workers.errors import MissingTopicsError
 from workers.membership import group_instance_id, leave_group
 from workers.metrics import WorkerMetrics
-from workers.models import ModelRepository
 from workers.offsets import OffsetTracker
 from workers.ports import AnswerWriter, ConsumedRecord, RecordConsumer
 from workers.readiness import Condition, Probe, Readiness, probe_forever
 from workers.records import Answer, BatchKey, PendingRequest, RecordSource
+from workers.reload import ModelReloader
+from workers.repository import Change, ModelRepository
 from workers.results import ResultWriter
 from workers.runner import ModelRunner, RequestSucceeded
 from workers.settings import WorkerSettings
@@ -82,9 +83,15 @@ class Worker:
         repository: ModelRepository,
         runner: ModelRunner,
         metrics: WorkerMetrics,
+        reloader: ModelReloader | None = None,
     ) -> None:
+        """reloader: keeps the served versions in step with the repository while serving."""
         self._settings = settings
         self._repository = repository
+        self._generation = repository.generation
+        self._reloader = reloader
+        if reloader is not None:
+            reloader.follow(self.models_changed)
         self._runner = runner
         self._metrics = metrics
         self._topics = TopicNames(prefix=settings.kafka.topic_prefix)
@@ -110,6 +117,8 @@ class Worker:
         self._closing = False
         self._consumer: RecordConsumer | None = None
         self._writer: AnswerWriter | None = None
+        self._subscribed: list[str] = []
+        self._resubscribe: Callable[[], Awaitable[None]] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         """Batches handed to the runner and not yet answered."""
         self._deadline: float | None = None
@@ -221,8 +230,10 @@ class Worker:
                 await self._require_request_topics(admin)
             await writer.start()
             await consumer.start()
-            consumer.subscribe(topics=self.request_topics(), listener=_Revocation(self))
-            self._log.info("worker_started", topics=self.request_topics(), group=s.group_id)
+            self._subscribed = self.request_topics()
+            consumer.subscribe(topics=self._subscribed, listener=_Revocation(self))
+            self._resubscribe = partial(self._follow_models, consumer, admin)
+            self._log.info("worker_started", topics=self._subscribed, group=s.group_id)
             await self.serve(
                 consumer=consumer,
                 writer=writer,
@@ -278,6 +289,8 @@ class Worker:
                     tasks.create_task(self._writer_loop(writer), name="inferq-writer"),
                     tasks.create_task(self._commit_loop(), name="inferq-committer"),
                 ]
+                if self._reloader is not None:
+                    loops.append(tasks.create_task(self._reloader.run(), name="inferq-reloader"))
                 if probes:
                     loops.append(tasks.create_task(
                         probe_forever(self._readiness, dict(probes),
@@ -311,6 +324,35 @@ class Worker:
             intake.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await intake
+
+    async def models_changed(self, change: Change) -> None:
+        """Follow the repository: consume the request topics of exactly the served models."""
+        if change.names_changed and self._resubscribe is not None and not self._closing:
+            await self._resubscribe()
+
+    async def _follow_models(self, consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient) -> None:
+        s = self._settings
+        names = self._repository.names()
+        wanted = [self._topics.requests(name) for name in names]
+        if s.create_topics:
+            await ensure_topics(
+                s.kafka,
+                [*wanted, *(self._topics.results(name) for name in names)],
+                partitions=s.topic_partitions,
+                replication_factor=s.topic_replication_factor,
+            )
+        else:
+            existing = set(await admin.list_topics())
+            missing = [topic for topic in wanted if topic not in existing]
+            if missing:
+                self._log.error("request_topics_missing", topics=missing)
+                wanted = [topic for topic in wanted if topic not in missing]
+        if wanted and wanted != self._subscribed:
+            # A new subscription rebalances the group: partitions of a model's topic go only
+            # to the workers that serve it; our revocation listener answers what it holds.
+            consumer.subscribe(topics=wanted, listener=_Revocation(self))
+            self._subscribed = wanted
+            self._log.info("subscription_changed", topics=wanted)
 
     def _deadline_left(self) -> float:
         return math.inf if self._deadline is None else self._deadline - time.monotonic()
@@ -396,6 +438,9 @@ class Worker:
         """Admit one whole poll: track its offsets per partition, then each record."""
         received_at = time.monotonic()
         received_ms = int(time.time() * 1000)
+        if self._repository.generation != self._generation:
+            self._generation = self._repository.generation
+            self._admission.forget_models()
         admit = self._admission.admit
         answers: list[Answer] = []
         admitted: list[PendingRequest] = []
@@ -446,7 +491,7 @@ class Worker:
     # --- dispatch -------------------------------------------------------------------------
 
     def _policy_for(self, key: BatchKey) -> BatchPolicy:
-        config = self._repository.get(key.model, key.version).config
+        config = key.served.config
         return BatchPolicy(
             max_batch_size=config.max_batch_size, max_batch_delay_ms=config.max_batch_delay_ms
         )

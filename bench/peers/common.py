@@ -7,7 +7,6 @@ and so all peers answer in exactly inferq's wire format (the harness counts and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from schemas.codec import ContentType, content_type_of, decode_request, encode_r
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.tensors import Tensor
 from schemas.topics import TopicNames
-from workers.models import CONFIG_FILENAME, MODEL_FILENAME, torchscript_deprecation_silenced
+from workers.formats import Forward
+from workers.repository import open_version
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,11 +102,11 @@ def parse_options(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PeerModel:
-    """A loaded TorchScript model and the tensor names of its signature."""
+    """A loaded model (any format inferq serves) and the tensor names of its signature."""
 
     name: str
     version: int
-    module: torch.jit.ScriptModule
+    module: Forward
     input_names: tuple[str, ...]
     """The inputs in the order `forward` takes them."""
     output_name: str
@@ -117,18 +117,13 @@ def load_model(options: PeerOptions) -> PeerModel:
     """Load the model version named by `options`, after setting torch's thread count."""
     torch.set_num_threads(options.threads)
     directory = options.models_dir / options.model / str(options.version)
-    config = json.loads((directory / CONFIG_FILENAME).read_text())
-    with torchscript_deprecation_silenced():
-        module = torch.jit.load(  # type: ignore[no-untyped-call]
-            str(directory / MODEL_FILENAME), map_location="cpu"
-        )
-    module.eval()
+    loaded = open_version(directory)
     return PeerModel(
         name=options.model,
         version=options.version,
-        module=module,
-        input_names=tuple(spec["name"] for spec in config["inputs"]),
-        output_name=config["outputs"][0]["name"],
+        module=loaded.module,
+        input_names=tuple(spec.name for spec in loaded.config.inputs),
+        output_name=loaded.config.outputs[0].name,
     )
 
 

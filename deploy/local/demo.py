@@ -32,28 +32,33 @@ from schemas.messages import InferenceRequest, InferenceResult, ResultStatus
 from schemas.settings import KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 from workers.example_models import write_example_models
-from workers.models import torchscript_deprecation_silenced
+from workers.repository import open_version
 from workers.topics import ensure_topics
 
 console = Console(stderr=True)
 DEMO_HTTP_PORT = 9400
 
 
-def model_outputs(model_file: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
-    """The TorchScript model run directly on every request's (first) input, in order."""
-    with torchscript_deprecation_silenced():
-        module = torch.jit.load(str(model_file), map_location="cpu").eval()
+def model_outputs(version_dir: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
+    """The model version run directly on every request's (first) input, in order."""
+    model = open_version(version_dir)
     inputs = torch.cat([torch.from_numpy(r.inputs[0].to_numpy().copy()) for r in requests])
+    step = model.config.max_batch_size  # an exported program takes no more rows at once
     with torch.inference_mode():
-        outputs: np.ndarray = module(inputs).numpy()
+        parts = [
+            model.module(inputs[start : start + step]) for start in range(0, len(inputs), step)
+        ]
+    outputs: np.ndarray = torch.cat(
+        [part for part in parts if isinstance(part, torch.Tensor)]
+    ).numpy()
     return outputs
 
 
 def check_against_model(
-    model_file: Path, requests: list[InferenceRequest], results: dict[str, InferenceResult]
+    version_dir: Path, requests: list[InferenceRequest], results: dict[str, InferenceResult]
 ) -> int:
-    """How many ok results differ from running the TorchScript model directly."""
-    expected = model_outputs(model_file, requests)
+    """How many ok results differ from running the model version directly."""
+    expected = model_outputs(version_dir, requests)
     mismatches = 0
     for row, request in enumerate(requests):
         result = results[request.id]
@@ -131,7 +136,7 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
         versions = {r.version for r in results.values()}
         mismatches = sum(
             check_against_model(
-                models_dir / "mlp" / str(version) / "model.pt",
+                models_dir / "mlp" / str(version),
                 [q for q in requests if results[q.id].version == version],
                 results,
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -17,6 +17,18 @@ async def bounded(awaitable: Awaitable[T], *, what: str, timeout_s: float) -> T:
         raise AssertionError(
             f"{what} did not finish within {timeout_s:.0f}s: is the broker/Redis still up?"
         ) from None
+
+
+async def until(
+    condition: Callable[[], bool], *, what: str, timeout_s: float, interval_s: float = 0.02
+) -> None:
+    """Poll ``condition`` until it holds, or fail the test saying what did not happen."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110 - the state lives in another component
+            await asyncio.sleep(interval_s)
+
+    await bounded(poll(), what=what, timeout_s=timeout_s)
 
 
 async def set_topic_configs(bootstrap: str, topic: str, configs: dict[str, str]) -> None:

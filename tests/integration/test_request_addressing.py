@@ -118,7 +118,7 @@ async def test_an_id_reused_with_other_inputs_is_refused_never_given_anothers_ou
 
     by_id = results_by_id(records)
     (version,) = {by_id[r.id][0].version for r in firsts}
-    model_file = deployment.models_dir / "mlp" / str(version) / "model.pt"
+    model_file = deployment.models_dir / "mlp" / str(version)
     assert_outputs_match(model_file, firsts, {r.id: by_id[r.id][0] for r in firsts})
     for first in firsts:
         answers = by_id[first.id]

@@ -34,7 +34,8 @@ from tests.integration.worker_harness import (
     running_worker,
     wait_until_ready,
 )
-from workers.example_models import write_model
+from workers.authoring import write_version
+from workers.formats import ModelFormat
 from workers.models import ModelConfig, TensorSpec, torchscript_deprecation_silenced
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -64,7 +65,7 @@ async def test_every_request_is_answered_once_with_the_models_outputs(
         await bounded(publish(client, requests), what="publishing", timeout_s=60)
         results = await client.results([r.id for r in requests], timeout_s=120)
 
-    assert_outputs_match(deployment.models_dir / "mlp" / "1" / "model.pt", requests, results)
+    assert_outputs_match(deployment.models_dir / "mlp" / "1", requests, results)
     assert all(r.version == 1 and r.status is ResultStatus.OK for r in results.values())
     keys = [k async for k in redis_client.scan_iter(match=topics.result_key("*"), count=5000)]
     assert len(keys) == count
@@ -297,7 +298,8 @@ async def test_a_poison_request_fails_alone_and_its_batch_mates_succeed(
     with torchscript_deprecation_silenced():
         module = torch.jit.script(Poisonable())
     spec = TensorSpec(name="input", datatype="FP32", shape=(4,))
-    write_model(
+    write_version(
+        fmt=ModelFormat.TORCHSCRIPT,
         root=deployment.models_dir,
         name="poison",
         version=1,

@@ -24,7 +24,9 @@ from producers.settings import ProducerSettings
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.settings import KafkaSettings, RedisSettings
 from workers.metrics import WorkerMetrics
-from workers.models import DirectoryModelRepository
+from workers.process import load_models
+from workers.reload import ModelReloader
+from workers.repository import DirectoryModelRepository
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -90,6 +92,8 @@ class RunningWorker:
     metrics: WorkerMetrics
     stop: asyncio.Event
     task: asyncio.Task[None]
+    repository: DirectoryModelRepository
+    reloader: ModelReloader
 
 
 @contextlib.asynccontextmanager
@@ -98,17 +102,26 @@ async def running_worker(
 ) -> AsyncIterator[RunningWorker]:
     """A worker serving in this event loop; stopped (gracefully) on exit."""
     settings = deployment.worker_settings(**overrides)
-    repository = DirectoryModelRepository(
-        root=settings.models_dir, device=torch.device("cpu"), names=settings.served_model_names
-    )
-    await asyncio.to_thread(repository.load)
-    metrics = WorkerMetrics()
+    repository, reloader, metrics = await load_models(settings, torch.device("cpu"))
     async with ModelRunner(device=torch.device("cpu"), num_threads=1) as runner:
-        worker = Worker(settings=settings, repository=repository, runner=runner, metrics=metrics)
+        worker = Worker(
+            settings=settings,
+            repository=repository,
+            runner=runner,
+            metrics=metrics,
+            reloader=reloader,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
-            yield RunningWorker(worker=worker, metrics=metrics, stop=stop, task=task)
+            yield RunningWorker(
+                worker=worker,
+                metrics=metrics,
+                stop=stop,
+                task=task,
+                repository=repository,
+                reloader=reloader,
+            )
         finally:
             stop.set()
             await asyncio.wait_for(task, settings.shutdown_timeout_s + 20)
@@ -151,9 +164,9 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int
 
 
 def assert_outputs_match(
-    model_file: Path, requests: Sequence[InferenceRequest], results: dict[str, InferenceResult]
+    version_dir: Path, requests: Sequence[InferenceRequest], results: dict[str, InferenceResult]
 ) -> None:
-    expected = model_outputs(model_file, requests)
+    expected = model_outputs(version_dir, requests)
     for row, request in enumerate(requests):
         result = results[request.id]
         assert result.ok, f"{request.id}: {result.error}"

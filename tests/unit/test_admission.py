@@ -16,15 +16,13 @@ from schemas.tensors import Tensor
 from schemas.topics import HEADER_ERROR_CODE, HEADER_SOURCE, TopicNames
 from workers.admission import Admission, PendingRequest
 from workers.answers import Answers
-from workers.example_models import write_example_models, write_model
+from workers.authoring import write_version
+from workers.example_models import write_example_models
+from workers.formats import ModelFormat
 from workers.metrics import Outcome
-from workers.models import (
-    DirectoryModelRepository,
-    ModelConfig,
-    TensorSpec,
-    torchscript_deprecation_silenced,
-)
+from workers.models import ModelConfig, TensorSpec, torchscript_deprecation_silenced
 from workers.records import Answer, RecordSource
+from workers.repository import DirectoryModelRepository
 
 TOPICS = TopicNames(prefix="unit")
 REPLY_PREFIXES = ("unit.replies.",)
@@ -237,7 +235,14 @@ def test_a_scalar_after_an_accepted_batch_of_scalars_is_answered_not_crashed(
     spec = TensorSpec(name="input", datatype="FP32", shape=())
     output = spec.model_copy(update={"name": "y"})
     config = ModelConfig(inputs=[spec], outputs=[output])
-    write_model(root=tmp_path, name="mlp", version=1, module=module, config=config)
+    write_version(
+        fmt=ModelFormat.TORCHSCRIPT,
+        root=tmp_path,
+        name="mlp",
+        version=1,
+        module=module,
+        config=config,
+    )
     repository = DirectoryModelRepository(root=tmp_path, device=torch.device("cpu"))
     repository.load()
     fresh = new_admission(repository, worker_id="w")

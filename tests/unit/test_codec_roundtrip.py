@@ -32,7 +32,7 @@ ZERO_COPY = CodecLimits(zero_copy_min_bytes=0)
 
 names = st.text("abcxyz_0123456789:/.", min_size=1, max_size=12)
 ids = st.from_regex(r"\A[A-Za-z0-9._:-]{1,128}\Z")
-models = st.from_regex(r"\A[A-Za-z0-9._-]{1,40}\Z")
+models = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,39}\Z")
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from workers.checksums import verify_checksums
 from workers.example_models import EXAMPLE_MODELS, build_example, main, write_example_models
-from workers.models import DirectoryModelRepository
+from workers.formats import ModelFormat
+from workers.repository import DirectoryModelRepository, open_version
 
 CPU = torch.device("cpu")
 
@@ -21,23 +23,46 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
     return root, write_example_models(root)
 
 
-def test_writes_every_example_with_its_checksum(written: tuple[Path, list[Path]]) -> None:
+def test_writes_every_example_as_a_torch_export_program_with_its_checksums(
+    written: tuple[Path, list[Path]],
+) -> None:
     root, version_dirs = written
     assert version_dirs == [root / "mlp" / "1", root / "mlp" / "2", root / "cnn" / "1"]
     for version_dir in version_dirs:
         config = json.loads((version_dir / "config.json").read_text())
-        digest = hashlib.sha256((version_dir / "model.pt").read_bytes()).hexdigest()
-        assert config["sha256"] == digest
+        assert config["format"] == "torch_export"
+        assert sorted(path.name for path in version_dir.iterdir()) == [
+            "SHA256SUMS", "config.json", "model.pt2"
+        ]  # fmt: skip
+        assert dict(verify_checksums(version_dir)) == {
+            name: hashlib.sha256((version_dir / name).read_bytes()).hexdigest()
+            for name in ("config.json", "model.pt2")
+        }
+    assert not [path for path in (root / "mlp").iterdir() if path.name.startswith(".")]
 
 
-def test_same_seed_gives_identical_files_and_weights(
-    written: tuple[Path, list[Path]], tmp_path: Path
+@pytest.mark.parametrize(
+    "fmt",
+    [ModelFormat.SAFETENSORS, ModelFormat.STATE_DICT, ModelFormat.TORCHSCRIPT],
+    ids=lambda fmt: fmt.value,
+)
+def test_every_format_of_an_example_gives_the_outputs_of_its_torch_export_program(
+    written: tuple[Path, list[Path]], tmp_path: Path, fmt: ModelFormat
 ) -> None:
-    _, first = written
+    root, _ = written
+    write_example_models(tmp_path, fmt)
+    x = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exported = open_version(root / "cnn" / "1").module(x)
+        other = open_version(tmp_path / "cnn" / "1").module(x)
+    assert isinstance(exported, torch.Tensor)
+    assert isinstance(other, torch.Tensor)
+    assert open_version(tmp_path / "cnn" / "1").format is fmt
+    torch.testing.assert_close(other, exported)
+
+
+def test_same_seed_gives_identical_weights() -> None:
     torch.manual_seed(12345)  # the global generator's state must not matter
-    second = write_example_models(tmp_path)
-    for one, other in zip(first, second, strict=True):
-        assert (one / "model.pt").read_bytes() == (other / "model.pt").read_bytes()
     for example in EXAMPLE_MODELS:
         one_state = build_example(example).state_dict()
         other_state = build_example(example).state_dict()
@@ -88,4 +113,4 @@ def test_command_line_writes_the_repository(
     assert main(["--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / "mlp" / "1"), str(out / "mlp" / "2"), str(out / "cnn" / "1")]
-    assert (out / "cnn" / "1" / "model.pt").is_file()
+    assert (out / "cnn" / "1" / "model.pt2").is_file()

@@ -20,7 +20,8 @@ from workers.errors import WorkerError
 from workers.example_models import write_example_models
 from workers.fastpath import FastReader
 from workers.fingerprint import request_digest
-from workers.models import DirectoryModelRepository, LoadedModel
+from workers.models import LoadedModel
+from workers.repository import DirectoryModelRepository
 
 READER = FastReader(limits=CodecLimits())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pydantic
@@ -12,19 +11,17 @@ import torch
 from torch import nn
 
 from schemas.errors import ErrorCode
+from workers.authoring import write_version
 from workers.errors import (
     DtypeMismatchError,
     InferenceFailedError,
     InputNameMismatchError,
-    ModelLoadError,
     ShapeMismatchError,
-    UnknownModelError,
-    UnknownVersionError,
 )
-from workers.example_models import write_example_models, write_model
+from workers.example_models import write_example_models
+from workers.formats import ModelFormat
 from workers.models import (
     TORCH_DTYPES,
-    DirectoryModelRepository,
     InputSignature,
     LoadedModel,
     ModelConfig,
@@ -63,8 +60,13 @@ def scripted(module: nn.Module) -> torch.jit.ScriptModule:
 
 
 def write_double(root: Path, name: str = "double", version: int = 1) -> Path:
-    return write_model(
-        root=root, name=name, version=version, module=scripted(Double()), config=DOUBLE_CONFIG
+    return write_version(
+        fmt=ModelFormat.TORCHSCRIPT,
+        root=root,
+        name=name,
+        version=version,
+        module=scripted(Double()),
+        config=DOUBLE_CONFIG,
     )
 
 
@@ -106,7 +108,8 @@ def test_model_config_reads_json_with_defaults() -> None:
     )
     assert config.max_batch_size == 32
     assert config.max_batch_delay_ms == 5.0
-    assert config.sha256 is None
+    assert config.format is None
+    assert config.factory is None
     assert config.inputs[0].shape == (3,)
 
 
@@ -117,7 +120,8 @@ def test_model_config_reads_json_with_defaults() -> None:
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3]}] * 2},
         {"max_batch_size": 0},
         {"max_batch_delay_ms": -1.0},
-        {"sha256": "ABC"},
+        {"format": "pickle"},
+        {"factory": "not a factory"},
         {"unknown_key": 1},
     ],
 )
@@ -256,146 +260,3 @@ def test_collect_outputs_accepts_tensor_sequence_and_dict() -> None:
 def test_collect_outputs_rejects_results_that_break_the_config(result: object, detail: str) -> None:
     with pytest.raises(InferenceFailedError, match=detail):
         two_input_model().collect_outputs(result, rows=2)
-
-
-# Repository
-
-
-def test_repository_loads_examples_and_serves_latest_version(examples_root: Path) -> None:
-    repository = DirectoryModelRepository(root=examples_root, device=CPU)
-    repository.load()
-    assert repository.names() == ["cnn", "mlp"]
-    assert [(m.name, m.version) for m in repository.models()] == [
-        ("cnn", 1),
-        ("mlp", 1),
-        ("mlp", 2),
-    ]
-    latest = repository.get("mlp")
-    assert latest.version == 2
-    assert repository.get("mlp", 1).version == 1
-    assert not latest.module.training
-    assert latest.config.inputs[0].shape == (784,)
-    assert latest.config.sha256 is not None
-
-
-def test_repository_loads_only_the_named_models(examples_root: Path) -> None:
-    repository = DirectoryModelRepository(
-        root=examples_root, device=CPU, names=["cnn"], warmup=False
-    )
-    repository.load()
-    assert repository.names() == ["cnn"]
-
-
-def test_unknown_model_and_version_raise_typed_errors(tmp_path: Path) -> None:
-    write_double(tmp_path, version=3)
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    repository.load()
-    with pytest.raises(
-        UnknownModelError, match="'nope' is not served here; served: \\['double'\\]"
-    ):
-        repository.get("nope")
-    with pytest.raises(UnknownVersionError, match="no version 1; loaded: \\[3\\]") as raised:
-        repository.get("double", 1)
-    assert raised.value.code is ErrorCode.UNKNOWN_VERSION
-
-
-def test_entries_that_are_not_versions_are_ignored(tmp_path: Path) -> None:
-    write_double(tmp_path)
-    for ignored in ("double/latest", "double/0", "double/01", "empty"):
-        (tmp_path / ignored).mkdir()
-    (tmp_path / "README.txt").write_text("not a model")
-    (tmp_path / "double" / "notes.txt").write_text("not a version")
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    repository.load()
-    assert [(m.name, m.version) for m in repository.models()] == [("double", 1)]
-
-
-def test_checksum_mismatch_is_a_load_error(tmp_path: Path) -> None:
-    version_dir = write_double(tmp_path)
-    config_path = version_dir / "config.json"
-    content = json.loads(config_path.read_text())
-    content["sha256"] = "0" * 64
-    config_path.write_text(json.dumps(content))
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    with pytest.raises(ModelLoadError, match=r"double:1: sha256 of .* config.json says 0000"):
-        repository.load()
-
-
-def test_config_without_checksum_is_accepted(tmp_path: Path) -> None:
-    version_dir = write_double(tmp_path)
-    (version_dir / "config.json").write_text(DOUBLE_CONFIG.model_dump_json())
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    repository.load()
-    assert repository.get("double").config.sha256 is None
-
-
-@pytest.mark.parametrize(
-    ("breakage", "detail"),
-    [
-        ("bad-json", "bad .*config.json"),
-        ("no-config", "bad .*config.json"),
-        ("no-module", "model.pt is missing"),
-        ("garbage-module", "cannot load"),
-    ],
-)
-def test_broken_version_directory_is_a_load_error(
-    tmp_path: Path, breakage: str, detail: str
-) -> None:
-    version_dir = write_double(tmp_path)
-    if breakage == "bad-json":
-        (version_dir / "config.json").write_text("{not json")
-    elif breakage == "no-config":
-        (version_dir / "config.json").unlink()
-    elif breakage == "no-module":
-        (version_dir / "model.pt").unlink()
-    else:
-        (version_dir / "model.pt").write_bytes(b"not a zip archive")
-        (version_dir / "config.json").write_text(DOUBLE_CONFIG.model_dump_json())
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    with pytest.raises(ModelLoadError, match=detail) as raised:
-        repository.load()
-    assert raised.value.code is ErrorCode.INTERNAL
-    assert repository.names() == []
-
-
-def test_warmup_catches_a_module_that_breaks_its_config(tmp_path: Path) -> None:
-    write_model(
-        root=tmp_path, name="bad", version=1, module=scripted(Truncate()), config=DOUBLE_CONFIG
-    )
-    with pytest.raises(ModelLoadError, match=r"bad:1: warm-up forward failed.*shape \[1, 2\]"):
-        DirectoryModelRepository(root=tmp_path, device=CPU).load()
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU, warmup=False)
-    repository.load()
-    assert repository.names() == ["bad"]
-
-
-def test_missing_root_named_model_or_empty_repository_is_a_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="not a directory"):
-        DirectoryModelRepository(root=tmp_path / "absent", device=CPU).load()
-    with pytest.raises(ModelLoadError, match="holds no models"):
-        DirectoryModelRepository(root=tmp_path, device=CPU).load()
-    write_double(tmp_path)
-    with pytest.raises(ModelLoadError, match=r"\['other'\] not found"):
-        DirectoryModelRepository(root=tmp_path, device=CPU, names=["double", "other"]).load()
-    (tmp_path / "hollow").mkdir()
-    with pytest.raises(ModelLoadError, match="'hollow' has no version directories"):
-        DirectoryModelRepository(root=tmp_path, device=CPU, names=["hollow"]).load()
-
-
-def test_repository_rejects_a_string_as_names(tmp_path: Path) -> None:
-    with pytest.raises(TypeError):
-        DirectoryModelRepository(root=tmp_path, device=CPU, names="mlp")
-    with pytest.raises(ValueError, match="non-empty"):
-        DirectoryModelRepository(root=tmp_path, device=CPU, names=[])
-
-
-def test_a_failed_reload_keeps_the_models_already_loaded(tmp_path: Path) -> None:
-    version_dir = write_double(tmp_path)
-    repository = DirectoryModelRepository(root=tmp_path, device=CPU)
-    repository.load()
-    shutil.rmtree(version_dir)
-    write_double(tmp_path, version=2)
-    (tmp_path / "double" / "2" / "model.pt").unlink()
-    with pytest.raises(ModelLoadError):
-        repository.load()
-    assert repository.get("double").version == 1

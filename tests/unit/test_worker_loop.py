@@ -22,7 +22,7 @@ from schemas.topics import TopicNames
 from workers.example_models import write_example_models
 from workers.memory import MemoryConsumer, MemoryPartition, MemoryRecord, MemoryWriter
 from workers.metrics import Outcome, WorkerMetrics
-from workers.models import DirectoryModelRepository
+from workers.repository import DirectoryModelRepository
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
 from workers.worker import Worker
@@ -101,7 +101,7 @@ async def test_a_burst_answers_every_record_once_and_commits_past_the_last(
     error = results["bad-shape"].error
     assert error is not None
     assert error.code is ErrorCode.SHAPE_MISMATCH
-    expected = model_outputs(models_dir / "mlp" / "1" / "model.pt", good)
+    expected = model_outputs(models_dir / "mlp" / "1", good)
     for row, request in enumerate(good):
         result = results[request.id]
         assert result.status is ResultStatus.OK

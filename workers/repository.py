@@ -1,0 +1,663 @@
+"""The model repository: the versions a worker serves, read from `{root}/{name}/{version}/`.
+
+```
+{root}/{name}/model.json             optional: {"version_policy": {"latest": 2}}
+{root}/{name}/{version}/config.json  signature, batching, format, factory
+{root}/{name}/{version}/model.pt2    the one model file (see `workers.formats`)
+{root}/{name}/{version}/SHA256SUMS   every other file's SHA-256: marks the version complete
+```
+
+Reading and loading are blocking and happen off the event loop (`scan_repository`,
+`VersionLoader`, `reconcile`); the result is an `Update` that `DirectoryModelRepository.apply`
+swaps in at once, on the thread that owns the repository. A version that stops being served
+drains: requests already queued for it still hold it, and it is gone (its memory freed) once
+the last of them is answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import weakref
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Protocol
+
+import pydantic
+import structlog
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.messages import MODEL_NAME_PATTERN
+from workers.checksums import CHECKSUMS_FILENAME, verify_checksums
+from workers.errors import (
+    ModelConfigError,
+    ModelLoadError,
+    UnknownModelError,
+    UnknownVersionError,
+    WarmUpError,
+)
+from workers.formats import LoadRequest, ModelFormat, detect_format, load_model_file
+from workers.models import CONFIG_FILENAME, VARIABLE_DIM, LoadedModel, ModelConfig, torch_dtype
+
+log = structlog.get_logger(__name__)
+
+MANIFEST_FILENAME = "model.json"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+class VersionPolicy(BaseModel):
+    """Which versions of a model are served, as in Triton: the newest N, a list, or all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    latest: Annotated[int, Field(ge=1)] | None = None
+    specific: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1)] | None = None
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [self.latest is not None, self.specific is not None, self.all]
+        if sum(chosen) > 1:
+            raise ValueError("a version policy is one of latest, specific or all")
+        if not any(chosen):
+            object.__setattr__(self, "latest", 1)
+        return self
+
+    def select(self, versions: Collection[int]) -> set[int]:
+        """The versions of ``versions`` this policy serves."""
+        if self.all:
+            return set(versions)
+        if self.specific is not None:
+            return set(versions) & set(self.specific)
+        assert self.latest is not None
+        return set(sorted(versions)[-self.latest :])
+
+    def describe(self) -> str:
+        """`latest: 2`, `specific: [1, 3]` or `all`."""
+        if self.all:
+            return "all"
+        if self.specific is not None:
+            return f"specific: {list(self.specific)}"
+        return f"latest: {self.latest}"
+
+
+def _policy_from_json(value: object) -> object:
+    return {"all": True} if value == "all" else value
+
+
+class ModelManifest(BaseModel):
+    """`{root}/{name}/model.json`: what holds for every version of a model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version_policy: Annotated[VersionPolicy, pydantic.BeforeValidator(_policy_from_json)] = Field(
+        default_factory=VersionPolicy
+    )
+
+
+class ModelRepository(Protocol):
+    """Where the worker finds the models it serves."""
+
+    generation: int
+    """Changes whenever what serves does: caches keyed by model version compare it."""
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The served model; `version=None` means the newest served version."""
+        ...
+
+    def names(self) -> list[str]:
+        """Names of the served models, sorted."""
+        ...
+
+    def models(self) -> list[LoadedModel]:
+        """Every served model version, sorted by name then version."""
+        ...
+
+
+class VersionState(StrEnum):
+    """Where a version stands in a worker: what `inferq-model list --worker` shows."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VersionDir:
+    """A version directory as scanned: where it is and a fingerprint of its content."""
+
+    name: str
+    version: int
+    path: Path
+    fingerprint: str
+    """Changes whenever `SHA256SUMS` or any file's size or modification time does."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelListing:
+    """One model directory as scanned."""
+
+    name: str
+    policy: VersionPolicy
+    versions: Mapping[int, VersionDir]
+
+
+def parse_version(entry: Path) -> int | None:
+    """The version a directory entry stands for, or None when it is not a version directory.
+
+    Only plain positive decimals name versions: a writer's temporary name (`.3.tmp`) is none.
+    """
+    name = entry.name
+    if not name.isascii() or not name.isdigit() or not entry.is_dir():
+        return None
+    version = int(name)
+    return version if version >= 1 and str(version) == name else None
+
+
+def fingerprint_of(version_dir: Path) -> str:
+    """A cheap fingerprint of a version directory's content (no file is read but the list)."""
+    digest = hashlib.sha256()
+    try:
+        digest.update((version_dir / CHECKSUMS_FILENAME).read_bytes())
+    except OSError:
+        digest.update(b"\x00no-checksums")
+    for entry in sorted(version_dir.iterdir()):
+        stat = entry.stat()
+        digest.update(f"\x00{entry.name}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def read_manifest(model_dir: Path) -> ModelManifest:
+    """The model's `model.json`, or the defaults without one; ModelConfigError when invalid."""
+    path = model_dir / MANIFEST_FILENAME
+    try:
+        return ModelManifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return ModelManifest()
+    except (OSError, pydantic.ValidationError) as error:
+        raise ModelConfigError(f"bad {path}: {error}", model=model_dir.name) from error
+
+
+def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[str, ModelListing]:
+    """Every model directory under ``root`` (or those in ``names``) and its version dirs.
+
+    A directory whose name is not a plain identifier is skipped: no name that reaches a path
+    (a request's model, a topic) can then point outside the repository.
+    """
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {root} is not a directory")
+    listings: dict[str, ModelListing] = {}
+    for model_dir in sorted(root.iterdir()):
+        name = model_dir.name
+        if names is not None and name not in names:
+            continue
+        if not model_dir.is_dir():
+            continue
+        if not _MODEL_NAME.match(name):
+            log.warning("ignoring repository entry", path=str(model_dir), reason="bad model name")
+            continue
+        try:
+            manifest = read_manifest(model_dir)
+        except ModelConfigError as error:
+            log.error("model manifest refused", model=name, error=error.message)
+            continue
+        versions: dict[int, VersionDir] = {}
+        for entry in sorted(model_dir.iterdir()):
+            version = parse_version(entry)
+            if version is None:
+                continue
+            try:
+                fingerprint = fingerprint_of(entry)
+            except OSError:  # removed while we looked
+                continue
+            versions[version] = VersionDir(
+                name=name, version=version, path=entry, fingerprint=fingerprint
+            )
+        listings[name] = ModelListing(name=name, policy=manifest.version_policy, versions=versions)
+    return listings
+
+
+def warm_up_batch_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Batch sizes run at load: 1, 2 and the largest (a program fixed at 1 fails the 2)."""
+    return tuple(sorted({1, min(2, config.max_batch_size), config.max_batch_size}))
+
+
+def warm_up(model: LoadedModel, batch_sizes: Sequence[int] = (1,)) -> None:
+    """Run a forward pass of zeros at each batch size (variable dims as 1); check its outputs."""
+    for rows in batch_sizes:
+        inputs = [
+            torch.zeros(
+                (rows, *(1 if dim == VARIABLE_DIM else dim for dim in spec.shape)),
+                dtype=torch_dtype(spec.datatype),
+                device=model.device,
+            )
+            for spec in model.config.inputs
+        ]
+        with torch.inference_mode():
+            model.collect_outputs(model.module(*inputs), rows=rows)
+
+
+def module_memory_bytes(module: object) -> int | None:
+    """Bytes of an `nn.Module`'s parameters and buffers (shared storage counted once)."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    seen: dict[tuple[int, int], int] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        seen[(storage.data_ptr(), tensor.device.index or 0)] = storage.nbytes()
+    return sum(seen.values())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VersionStatus:
+    """One version's state in this worker, with what its load measured."""
+
+    model: str
+    version: int
+    state: VersionState
+    format: ModelFormat | None = None
+    load_seconds: float | None = None
+    memory_bytes: int | None = None
+    detail: str = ""
+    """Why it failed, or what else to know."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadedVersion:
+    """A loaded model with the fingerprint it was loaded from and what its load measured."""
+
+    model: LoadedModel
+    fingerprint: str
+    load_seconds: float
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadFailure:
+    """A version that could not be loaded, and why."""
+
+    name: str
+    version: int
+    fingerprint: str
+    reason: str
+    message: str
+
+
+class VersionLoader:
+    """Loads one version directory: checksums, config, model file, warm-up. Blocking."""
+
+    def __init__(self, *, device: torch.device, warmup: bool = True) -> None:
+        self._device = device
+        self._warmup = warmup
+
+    def __call__(self, entry: VersionDir) -> LoadedVersion:
+        """The loaded version; a ModelLoadError (with its `reason`) when it cannot be served."""
+        name, version, path = entry.name, entry.version, entry.path
+        label = f"{name}:{version}"
+        started = time.perf_counter()
+        try:
+            verify_checksums(path)
+            try:
+                config = ModelConfig.model_validate_json((path / CONFIG_FILENAME).read_bytes())
+            except (OSError, pydantic.ValidationError) as error:
+                raise ModelConfigError(f"bad {CONFIG_FILENAME}: {error}") from error
+            fmt = config.format or detect_format(path)
+            module = load_model_file(
+                fmt,
+                LoadRequest(
+                    path=path / fmt.filename,
+                    device=self._device,
+                    factory=config.factory,
+                    label=label,
+                ),
+            )
+            model = LoadedModel(
+                name=name,
+                version=version,
+                config=config,
+                module=module,
+                device=self._device,
+                format=fmt,
+            )
+            if self._warmup:
+                try:
+                    warm_up(model, warm_up_batch_sizes(config))
+                except Exception as error:
+                    raise WarmUpError(f"warm-up forward failed: {error}") from error
+        except ModelLoadError as error:
+            raise type(error)(
+                f"model {label}: {error.message}", model=name, version=version
+            ) from error
+        seconds = time.perf_counter() - started
+        return LoadedVersion(
+            model=model,
+            fingerprint=entry.fingerprint,
+            load_seconds=seconds,
+            memory_bytes=module_memory_bytes(module),
+        )
+
+
+def open_version(
+    version_dir: Path, *, device: torch.device | None = None, warmup: bool = False
+) -> LoadedModel:
+    """Load one version directory on its own (tools, benchmarks): checksums, config, module.
+
+    The model is named after the directory above ``version_dir``; ModelLoadError when the
+    version cannot be served.
+    """
+    version = parse_version(version_dir)
+    if version is None:
+        raise ModelLoadError(f"{version_dir} is not a version directory (a positive number)")
+    entry = VersionDir(
+        name=version_dir.parent.name, version=version, path=version_dir, fingerprint=""
+    )
+    loader = VersionLoader(device=device or torch.device("cpu"), warmup=warmup)
+    return loader(entry).model
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Update:
+    """What serves after a reconcile: the chosen versions, and the loads that failed."""
+
+    serving: Mapping[str, Mapping[int, LoadedVersion]]
+    failures: Sequence[LoadFailure] = ()
+    loaded: Sequence[LoadedVersion] = ()
+    """Versions loaded by this reconcile (the rest were serving already)."""
+
+
+class Loader(Protocol):
+    """Loads a version directory (`VersionLoader`, or a stand-in in a test)."""
+
+    def __call__(self, entry: VersionDir) -> LoadedVersion: ...
+
+
+def reconcile(
+    listings: Mapping[str, ModelListing],
+    *,
+    serving: Mapping[str, Mapping[int, LoadedVersion]],
+    failed: Mapping[tuple[str, int], str],
+    load: Loader,
+) -> Update:
+    """Decide what serves, loading what is new or changed. Blocking; reads no shared state.
+
+    serving: what serves now. failed: (name, version) → the fingerprint that failed to load;
+    such a version is not tried again until its directory changes.
+    A version's policy picks among the versions that can load: when the newest fails, the
+    policy falls back to older ones, and a version that serves keeps serving until what
+    replaces it has loaded. A serving version whose files change is loaded again beside it;
+    if that fails, the loaded copy keeps serving.
+    """
+    chosen: dict[str, dict[int, LoadedVersion]] = {}
+    failures: list[LoadFailure] = []
+    loaded: list[LoadedVersion] = []
+    for name, listing in listings.items():
+        current = serving.get(name, {})
+        candidates = {
+            version: entry
+            for version, entry in listing.versions.items()
+            if failed.get((name, version)) != entry.fingerprint or version in current
+        }
+        picked: dict[int, LoadedVersion] = {}
+        while True:
+            wanted = sorted(listing.policy.select(candidates), reverse=True)
+            missing = [version for version in wanted if version not in picked]
+            if not missing:
+                break
+            for version in missing:
+                entry = candidates[version]
+                present = current.get(version)
+                if present is not None and (
+                    present.fingerprint == entry.fingerprint
+                    or failed.get((name, version)) == entry.fingerprint
+                ):
+                    picked[version] = present
+                    continue
+                try:
+                    picked[version] = load(entry)
+                except ModelLoadError as error:
+                    failures.append(
+                        LoadFailure(name=name, version=version, fingerprint=entry.fingerprint,
+                                    reason=error.reason, message=error.message)
+                    )  # fmt: skip
+                    if present is not None:
+                        picked[version] = present  # the loaded copy keeps serving
+                        continue
+                    del candidates[version]
+                    break  # the policy may now pick an older version
+                loaded.append(picked[version])
+        picked = {version: picked[version] for version in listing.policy.select(candidates)}
+        if picked:
+            chosen[name] = picked
+    return Update(serving=chosen, failures=failures, loaded=loaded)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Change:
+    """What an `apply` changed: for logs, metrics and the worker's subscriptions."""
+
+    added: Sequence[LoadedVersion] = ()
+    retired: Sequence[LoadedModel] = ()
+    failures: Sequence[LoadFailure] = ()
+    names_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.retired or self.names_changed)
+
+
+@dataclass(kw_only=True, slots=True)
+class _Draining:
+    ref: weakref.ref[LoadedModel]
+    status: VersionStatus
+
+
+@dataclass(slots=True)
+class _State:
+    serving: dict[str, dict[int, LoadedVersion]] = field(default_factory=dict)
+    latest: dict[str, LoadedModel] = field(default_factory=dict)
+    failed: dict[tuple[str, int], LoadFailure] = field(default_factory=dict)
+    draining: list[_Draining] = field(default_factory=list)
+
+
+class DirectoryModelRepository:
+    """The versions served from a repository directory; owned by one thread (the loop's).
+
+    `load()` reads it once at start; a `ModelReloader` then calls `scan`/`reconcile` off the
+    loop and `apply` on it. `get` never blocks and never sees a half-applied update.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        device: torch.device,
+        names: Collection[str] | None = None,
+        warmup: bool = True,
+    ) -> None:
+        """Configure; nothing is read until `load()`.
+
+        root: directory holding one subdirectory per model name.
+        device: where modules are loaded and run.
+        names: model names to serve; None serves every model under `root`, new ones included.
+        warmup: run forward passes of zeros at load to catch broken modules.
+        """
+        if isinstance(names, str):
+            raise TypeError("names must be a collection of model names, not one string")
+        if names is not None and (not names or not all(names)):
+            raise ValueError(f"names must be None or non-empty model names, got {names!r}")
+        self.root = root
+        self.device = device
+        self.wanted = frozenset(names) if names is not None else None
+        self.loader = VersionLoader(device=device, warmup=warmup)
+        self._state = _State()
+        self.generation = 0
+        """Counts applied changes: caches keyed by model version compare it."""
+
+    # --- reading (blocking, any thread) ----------------------------------------------------
+
+    def scan(self) -> dict[str, ModelListing]:
+        """The repository's models and versions on disk now. Blocking."""
+        return scan_repository(self.root, self.wanted)
+
+    def reconcile(self, listings: Mapping[str, ModelListing]) -> Update:
+        """What should serve given ``listings``, loading what it needs. Blocking.
+
+        Reads a snapshot of the current state; call `apply` with the result on the owner.
+        """
+        state = self._state
+        return reconcile(
+            listings,
+            serving={name: dict(versions) for name, versions in state.serving.items()},
+            failed={key: failure.fingerprint for key, failure in state.failed.items()},
+            load=self.loader,
+        )
+
+    def load(self) -> Change:
+        """Load what the repository serves, at start. Blocking.
+
+        ModelLoadError when a model named in `names` has no version that loads, or nothing
+        at all can be served; a version that fails beside others that load is logged.
+        """
+        change = self.apply(self.reconcile(self.scan()))
+        missing = sorted((self.wanted or frozenset()) - set(self._state.serving))
+        failures = "; ".join(failure.message for failure in change.failures)
+        if missing:
+            raise ModelLoadError(
+                f"models {missing} have no version that loads in {self.root}"
+                + (f": {failures}" if failures else "")
+            )
+        if not self._state.serving:
+            raise ModelLoadError(
+                f"model repository {self.root} holds no model that loads"
+                + (f": {failures}" if failures else "")
+            )
+        return change
+
+    # --- the owner's side ------------------------------------------------------------------
+
+    def apply(self, update: Update) -> Change:
+        """Swap in ``update`` at once; versions no longer chosen start draining."""
+        state = self._state
+        before = {
+            (name, version): served.model
+            for name, versions in state.serving.items()
+            for version, served in versions.items()
+        }
+        after = {
+            (name, version): served.model
+            for name, versions in update.serving.items()
+            for version, served in versions.items()
+        }
+        added = [
+            served
+            for name, versions in update.serving.items()
+            for version, served in versions.items()
+            if before.get((name, version)) is not served.model
+        ]
+        retired = [model for key, model in before.items() if after.get(key) is not model]
+        names_changed = set(state.serving) != set(update.serving)
+        state.serving = {name: dict(versions) for name, versions in update.serving.items()}
+        state.latest = {
+            name: versions[max(versions)].model for name, versions in state.serving.items()
+        }
+        for served in added:
+            state.failed.pop((served.model.name, served.model.version), None)
+        for failure in update.failures:
+            state.failed[(failure.name, failure.version)] = failure
+        for model in retired:
+            state.draining.append(
+                _Draining(
+                    ref=weakref.ref(model),
+                    status=VersionStatus(
+                        model=model.name,
+                        version=model.version,
+                        state=VersionState.DRAINING,
+                        format=model.format,
+                    ),
+                )
+            )
+        change = Change(
+            added=added, retired=retired, failures=update.failures, names_changed=names_changed
+        )
+        if change:
+            self.generation += 1
+        return change
+
+    def forget_missing_failures(self, listings: Mapping[str, ModelListing]) -> None:
+        """Drop the failures of versions no longer on disk (nothing to report of them)."""
+        self._state.failed = {
+            key: failure
+            for key, failure in self._state.failed.items()
+            if key[0] in listings and key[1] in listings[key[0]].versions
+        }
+
+    def drained(self) -> list[VersionStatus]:
+        """Versions whose draining is over (no request holds them): forget and return them."""
+        done = [item.status for item in self._state.draining if item.ref() is None]
+        self._state.draining = [item for item in self._state.draining if item.ref() is not None]
+        return done
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The served model; `version=None` means the newest served version."""
+        state = self._state
+        if version is None:
+            model = state.latest.get(name)
+            if model is None:
+                raise self._unknown(name)
+            return model
+        versions = state.serving.get(name)
+        if versions is None:
+            raise self._unknown(name)
+        served = versions.get(version)
+        if served is None:
+            raise UnknownVersionError(
+                f"model {name!r} has no version {version} served here; served: {sorted(versions)}",
+                model=name,
+                version=version,
+            )
+        return served.model
+
+    def _unknown(self, name: str) -> UnknownModelError:
+        return UnknownModelError(
+            f"model {name!r} is not served here; served: {self.names()}", model=name
+        )
+
+    def names(self) -> list[str]:
+        """Names of the served models, sorted."""
+        return sorted(self._state.serving)
+
+    def models(self) -> list[LoadedModel]:
+        """Every served model version, sorted by name then version."""
+        return [served.model for served in self._served()]
+
+    def _served(self) -> Iterator[LoadedVersion]:
+        for name in sorted(self._state.serving):
+            versions = self._state.serving[name]
+            for version in sorted(versions):
+                yield versions[version]
+
+    def statuses(self) -> list[VersionStatus]:
+        """Every version this worker knows of: ready, failed and draining."""
+        statuses = [
+            VersionStatus(
+                model=served.model.name,
+                version=served.model.version,
+                state=VersionState.READY,
+                format=served.model.format,
+                load_seconds=served.load_seconds,
+                memory_bytes=served.memory_bytes,
+            )
+            for served in self._served()
+        ]
+        statuses += [
+            VersionStatus(model=f.name, version=f.version, state=VersionState.FAILED,
+                          detail=f"{f.reason}: {f.message}")
+            for f in self._state.failed.values()
+            if not any(s.model == f.name and s.version == f.version for s in statuses)
+        ]  # fmt: skip
+        statuses += [item.status for item in self._state.draining if item.ref() is not None]
+        return sorted(statuses, key=lambda s: (s.model, s.version, s.state.value))
