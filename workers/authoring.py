@@ -126,25 +126,37 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "inferq"
 
 
+def program_digest(program: torch.export.ExportedProgram) -> str:
+    """A digest of what a program computes: its graph, shape ranges, weights and torch version.
+
+    (`torch.export.save` does not write the same bytes twice, so its file cannot be the key.)
+    """
+    digest = hashlib.sha256(torch.__version__.encode())
+    digest.update(program.graph_module.code.encode())
+    digest.update(repr(sorted(map(str, program.range_constraints.values()))).encode())
+    for name, tensor in sorted({**program.state_dict, **program.constants}.items()):
+        digest.update(name.encode())
+        if isinstance(tensor, torch.Tensor):
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def compile_aot_inductor(
     program: torch.export.ExportedProgram, destination: Path, *, cache_dir: Path | None = None
 ) -> None:
     """Compile ``program`` into an AOTInductor package at ``destination`` (needs a compiler).
 
-    Compiling takes tens of seconds on a small CPU, so packages are cached by the program's
-    bytes and the torch version: the same program compiles once per machine.
+    Compiling takes tens of seconds on a small CPU, so packages are cached by
+    `program_digest`: the same program compiles once per machine.
     """
     cache_root = (cache_dir or default_cache_dir()) / "aoti"
-    with tempfile.TemporaryDirectory() as scratch:
-        saved = Path(scratch) / "program.pt2"
-        torch.export.save(program, str(saved))
-        key = hashlib.sha256(saved.read_bytes() + torch.__version__.encode()).hexdigest()[:32]
-    cached = cache_root / f"{key}.pt2"
+    cached = cache_root / f"{program_digest(program)}.pt2"
     if not cached.is_file():
         cache_root.mkdir(parents=True, exist_ok=True)
         from torch._inductor import aoti_compile_and_package
 
-        partial = cache_root / f".{key}.{os.getpid()}.tmp.pt2"
+        partial = cache_root / f".{cached.stem}.{os.getpid()}.tmp.pt2"
         aoti_compile_and_package(program, package_path=str(partial))
         partial.replace(cached)
     shutil.copyfile(cached, destination)
