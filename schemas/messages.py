@@ -86,7 +86,8 @@ class InferenceRequest(_WireModel):
     inputs: Annotated[tuple[Tensor, ...], Field(min_length=1, strict=False)]
     """The input tensors, by distinct names."""
     parameters: dict[str, Scalar] = Field(default_factory=dict)
-    """Model-specific options, passed to the model untouched."""
+    """Keyword arguments of the model, as its config declares them (`parameters` in its
+    `config.json`); any other name is refused with VALIDATION_ERROR."""
     reply_to: TopicName | None = None
     """The topic to send the result to; None for `{prefix}.results.{model}`."""
     deadline_ms: UnixMillis | None = None

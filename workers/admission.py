@@ -24,7 +24,7 @@ from workers.answers import Answers
 from workers.errors import WorkerError
 from workers.fastpath import FastReader, PlainRequest
 from workers.fingerprint import record_digest, request_digest
-from workers.models import InputSignature, LoadedModel
+from workers.models import InputSignature, LoadedModel, ResolvedParameters
 from workers.records import Addressee, Answer, BatchKey, PendingRequest, RecordSource
 from workers.repository import ModelRepository
 
@@ -34,10 +34,13 @@ log = structlog.get_logger(__name__)
 __all__ = ["Admission", "Answer", "BatchKey", "PendingRequest", "RecordSource", "batch_key"]
 
 
-def batch_key(model: LoadedModel, inputs: Sequence[InputSignature]) -> BatchKey:
-    """The key of the batch a request joins: its model version and per-row input shapes."""
+def batch_key(
+    model: LoadedModel, inputs: Sequence[InputSignature], parameters: ResolvedParameters = ()
+) -> BatchKey:
+    """The key of the batch a request joins: its model version, per-row input shapes and
+    parameters."""
     signature = tuple(sorted(InputSignature(s.name, s.datatype, s.shape[1:]) for s in inputs))
-    return BatchKey(model.name, model.version, signature, model)
+    return BatchKey(model.name, model.version, signature, model, parameters)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,6 +142,7 @@ class Admission:
             model = self.repository.get(request.model, request.version)
             signatures = [InputSignature(t.name, t.datatype.value, t.shape) for t in request.inputs]
             rows = model.check_inputs(signatures)
+            parameters = model.resolve_parameters(request.parameters)
         except WorkerError as error:
             return self.answers.failed(to, error.code, error.message, version=request.version)
         if request.deadline_ms is not None and request.deadline_ms <= received_ms:
@@ -146,7 +150,7 @@ class Admission:
         return PendingRequest(
             to=to,
             model=model,
-            key=batch_key(model, signatures),
+            key=batch_key(model, signatures, parameters),
             inputs=_inputs_in_model_order(model, request),
             rows=rows,
             received_at=received_at,
@@ -180,7 +184,9 @@ class Admission:
                 InputSignature(spec.name, spec.datatype, (1, *spec.shape))
                 for spec in model.config.inputs
             ]
-            key = self._keys[model] = batch_key(model, signatures)
+            # The fast path takes no parameters: only models whose every one has a default.
+            defaults = model.default_parameters or ()
+            key = self._keys[model] = batch_key(model, signatures, defaults)
         return PendingRequest(
             to=to,
             model=model,

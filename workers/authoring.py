@@ -19,6 +19,7 @@ from workers.checksums import write_checksums
 from workers.formats import ModelFormat
 from workers.models import (
     CONFIG_FILENAME,
+    PARAMETER_DATATYPES,
     VARIABLE_DIM,
     ModelConfig,
     TensorSpec,
@@ -47,18 +48,30 @@ def example_inputs(
 def export_program(module: torch.nn.Module, config: ModelConfig) -> torch.export.ExportedProgram:
     """``module`` exported with a dynamic batch dimension of 1 to `max_batch_size`.
 
-    Variable dimensions of the config (-1) are exported dynamic too.
+    Variable dimensions of the config (-1) are exported dynamic too; the config's parameters
+    are keyword arguments taking 0-d tensors.
     """
     batch = torch.export.Dim("batch", min=1, max=config.max_batch_size)
-    dynamic: list[dict[int, object]] = []
+    dynamic: list[dict[int, object] | None] = []
     for index, spec in enumerate(config.inputs):
         dims: dict[int, object] = {0: batch}
         for position, dim in enumerate(spec.shape, start=1):
             if dim == VARIABLE_DIM:
                 dims[position] = torch.export.Dim(f"{spec.name}_{position}_{index}")
         dynamic.append(dims)
+    kwargs = {
+        spec.name: torch.tensor(
+            spec.default if spec.default is not None else spec.zero(),
+            dtype=PARAMETER_DATATYPES[spec.datatype],
+        )
+        for spec in config.parameters
+    }
     return torch.export.export(
-        module.eval(), example_inputs(config), dynamic_shapes=tuple(dynamic), strict=False
+        module.eval(),
+        example_inputs(config),
+        kwargs=kwargs,
+        dynamic_shapes=(*dynamic, *(None for _ in kwargs)),
+        strict=False,
     )
 
 

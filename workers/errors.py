@@ -49,6 +49,12 @@ class InputNameMismatchError(WorkerError):
     code = ErrorCode.VALIDATION_ERROR
 
 
+class ParameterError(WorkerError):
+    """A request's parameters do not fit what the model's config declares."""
+
+    code = ErrorCode.VALIDATION_ERROR
+
+
 class ShapeMismatchError(WorkerError):
     """An input's shape after the batch dimension, or its batch dimension, is not acceptable."""
 

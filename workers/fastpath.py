@@ -77,7 +77,9 @@ class _ModelLayout:
 
 def _layout(model: LoadedModel) -> _ModelLayout | None:
     """The model's inputs as the fast path reads them; None when it cannot (variable dims,
-    BOOL inputs whose bytes must each be 0 or 1)."""
+    BOOL inputs whose bytes must each be 0 or 1, a parameter every request must give)."""
+    if model.default_parameters is None:
+        return None
     inputs: dict[str, _InputLayout] = {}
     for index, (spec, datatype) in enumerate(
         zip(model.config.inputs, model.input_datatypes, strict=True)

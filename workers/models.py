@@ -17,6 +17,7 @@ from workers.errors import (
     DtypeMismatchError,
     InferenceFailedError,
     InputNameMismatchError,
+    ParameterError,
     ShapeMismatchError,
 )
 from workers.formats import FACTORY_PATTERN, Forward, ModelFormat
@@ -110,6 +111,63 @@ class TensorSpec(BaseModel):
         )
 
 
+PARAMETER_DATATYPES: Mapping[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "INT64": torch.int64,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
+"""What a request parameter may be: a scalar the model receives as a 0-d tensor."""
+
+ParameterValue = bool | int | float
+ResolvedParameters = tuple[tuple[str, ParameterValue], ...]
+"""A request's parameters with the defaults filled in, sorted by name: part of its batch key."""
+
+
+class ParameterSpec(BaseModel):
+    """A keyword argument the model takes, set per request in its `parameters`.
+
+    The module receives it as a 0-d tensor of `datatype` (so an exported program takes any
+    value, not only the one it was exported with); requests batch only with requests whose
+    parameters are equal.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+    datatype: str
+    default: ParameterValue | None = None
+    """The value when a request leaves it out; None: every request must give it."""
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in PARAMETER_DATATYPES:
+            raise ValueError(
+                f"parameter datatype {value!r} is not one of {list(PARAMETER_DATATYPES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> ParameterSpec:
+        if self.default is not None and not self.accepts(self.default):
+            raise ValueError(f"default {self.default!r} is not a {self.datatype}")
+        return self
+
+    def accepts(self, value: object) -> bool:
+        """Whether a request's value can be this parameter (an int is a float; a bool is not
+        a number)."""
+        if self.datatype == "BOOL":
+            return type(value) is bool
+        if self.datatype == "INT64":
+            return type(value) is int
+        return type(value) in (int, float)
+
+    def zero(self) -> ParameterValue:
+        """The value used for warm-up when there is no default."""
+        return {"BOOL": False, "INT64": 0}.get(self.datatype, 0.0)
+
+
 class ModelConfig(BaseModel):
     """The content of a model version's `config.json`."""
 
@@ -127,10 +185,16 @@ class ModelConfig(BaseModel):
     """How the model file is stored; None: told by the file's name (see `workers.formats`)."""
     factory: Annotated[str | None, Field(pattern=FACTORY_PATTERN.pattern)] = None
     """`package.module:callable` building the module, for weights-only formats."""
+    parameters: tuple[ParameterSpec, ...] = ()
+    """Keyword arguments a request may (or, without a default, must) set in `parameters`."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelConfig:
-        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+        for kind, specs in (
+            ("input", self.inputs),
+            ("output", self.outputs),
+            ("parameter", self.parameters),
+        ):
             repeated = [name for name, n in Counter(s.name for s in specs).items() if n > 1]
             if repeated:
                 raise ValueError(f"repeated {kind} names: {repeated}")
@@ -259,6 +323,61 @@ class LoadedModel:
                 f"model {self.label} {error.message}", model=self.name, version=self.version
             ) from None
         return self.check_inputs(signatures)
+
+    def resolve_parameters(self, given: Mapping[str, object]) -> ResolvedParameters:
+        """A request's parameters checked against the config, defaults filled in, by name.
+
+        ParameterError (VALIDATION_ERROR) for an unknown name, a missing required one, or a
+        value of the wrong kind.
+        """
+        specs = self.config.parameters
+        unknown = sorted(set(given) - {spec.name for spec in specs})
+        if unknown:
+            declared = [spec.name for spec in specs]
+            raise ParameterError(
+                f"model {self.label} takes parameters {declared}; request has unknown {unknown}",
+                model=self.name, version=self.version,
+            )  # fmt: skip
+        resolved: list[tuple[str, ParameterValue]] = []
+        for spec in specs:
+            value = given.get(spec.name, spec.default)
+            if value is None:
+                raise ParameterError(
+                    f"model {self.label} needs parameter {spec.name!r} ({spec.datatype})",
+                    model=self.name, version=self.version,
+                )  # fmt: skip
+            if not spec.accepts(value):
+                raise ParameterError(
+                    f"model {self.label} parameter {spec.name!r}: {value!r} is not a "
+                    f"{spec.datatype}",
+                    model=self.name, version=self.version,
+                )  # fmt: skip
+            assert isinstance(value, bool | int | float)
+            resolved.append((spec.name, value))
+        return tuple(sorted(resolved))
+
+    @property
+    def default_parameters(self) -> ResolvedParameters | None:
+        """The parameters of a request that sets none; None when one of them is required."""
+        if any(spec.default is None for spec in self.config.parameters):
+            return None
+        return self.resolve_parameters({})
+
+    def parameter_tensors(self, parameters: ResolvedParameters) -> dict[str, torch.Tensor]:
+        """Resolved parameters as the 0-d tensors the module takes, on the model's device."""
+        dtypes = {spec.name: PARAMETER_DATATYPES[spec.datatype] for spec in self.config.parameters}
+        return {
+            name: torch.tensor(value, dtype=dtypes[name], device=self.device)
+            for name, value in parameters
+        }
+
+    def warm_up_parameters(self) -> dict[str, torch.Tensor]:
+        """Each parameter's default (or zero) as the module takes it, for warm-up."""
+        values = {
+            spec.name: spec.default if spec.default is not None else spec.zero()
+            for spec in self.config.parameters
+        }
+        return self.parameter_tensors(tuple(sorted(values.items())))
 
     def collect_outputs(self, result: object, *, rows: int) -> list[torch.Tensor]:
         """The module's result (tensor, tuple/list or dict) as a list in `config.outputs` order.

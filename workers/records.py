@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from schemas.codec import ContentType
 from workers.metrics import Outcome
-from workers.models import InputSignature, LoadedModel
+from workers.models import InputSignature, LoadedModel, ResolvedParameters
 from workers.offsets import PartitionOffsets
 
 
@@ -77,6 +77,8 @@ class BatchKey:
     """Each input's name, datatype and shape without the batch dimension."""
     served: LoadedModel
     """The loaded version (compared by identity): one loaded again batches apart."""
+    parameters: ResolvedParameters = ()
+    """The requests' parameters, defaults filled in: only equal ones batch together."""
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

@@ -239,7 +239,7 @@ def warm_up(model: LoadedModel, batch_sizes: Sequence[int] = (1,)) -> None:
             for spec in model.config.inputs
         ]
         with torch.inference_mode():
-            model.collect_outputs(model.module(*inputs), rows=rows)
+            model.collect_outputs(model.module(*inputs, **model.warm_up_parameters()), rows=rows)
 
 
 def module_memory_bytes(module: object) -> int | None:

@@ -22,7 +22,7 @@ from workers.errors import (
     RunnerClosedError,
     WorkerError,
 )
-from workers.models import LoadedModel
+from workers.models import LoadedModel, ResolvedParameters
 
 log = structlog.get_logger(__name__)
 
@@ -85,9 +85,11 @@ class BatchExecution:
     Synchronous and blocking: `ModelRunner` runs it on its thread; tests may call it directly.
     """
 
-    def __init__(self, *, model: LoadedModel) -> None:
-        """model: the loaded model the batch runs through, on `model.device`."""
+    def __init__(self, *, model: LoadedModel, parameters: ResolvedParameters = ()) -> None:
+        """model: the loaded model the batch runs through, on `model.device`.
+        parameters: the batch's parameters, passed as keyword arguments (0-d tensors)."""
         self._model = model
+        self._kwargs = model.parameter_tensors(parameters) if parameters else {}
         self._device = model.device
         self.forward_passes = 0
 
@@ -180,12 +182,13 @@ class BatchExecution:
         limit = self._model.config.max_batch_size
         if rows <= limit:
             self.forward_passes += 1
-            return self._model.collect_outputs(self._model.module(*inputs), rows=rows)
+            result = self._model.module(*inputs, **self._kwargs)
+            return self._model.collect_outputs(result, rows=rows)
         parts: list[list[torch.Tensor]] = []
         for start in range(0, rows, limit):
             stop = min(start + limit, rows)
             self.forward_passes += 1
-            result = self._model.module(*(tensor[start:stop] for tensor in inputs))
+            result = self._model.module(*(t[start:stop] for t in inputs), **self._kwargs)
             parts.append(self._model.collect_outputs(result, rows=stop - start))
         return [torch.cat(slices) for slices in zip(*parts, strict=True)]
 
@@ -234,10 +237,12 @@ def _wire_array(tensor: torch.Tensor, datatype: Datatype) -> NDArray[Any]:
     return array
 
 
-def execute_batch(model: LoadedModel, requests: Sequence[RequestInputs]) -> BatchOutcome:
+def execute_batch(
+    model: LoadedModel, requests: Sequence[RequestInputs], parameters: ResolvedParameters = ()
+) -> BatchOutcome:
     """Run a batch synchronously (blocking); what `ModelRunner.run_batch` runs on its thread."""
     started = time.perf_counter()
-    execution = BatchExecution(model=model)
+    execution = BatchExecution(model=model, parameters=parameters)
     outcomes = execution.run(requests)
     return BatchOutcome(
         outcomes=tuple(outcomes),
@@ -279,9 +284,13 @@ class ModelRunner:
         return self._device
 
     async def run_batch(
-        self, model: LoadedModel, requests: Sequence[RequestInputs]
+        self,
+        model: LoadedModel,
+        requests: Sequence[RequestInputs],
+        parameters: ResolvedParameters = (),
     ) -> BatchOutcome:
-        """Run `requests` (each its checked input arrays) as one batch of `model`.
+        """Run `requests` (each its checked input arrays) as one batch of `model`, with the
+        `parameters` they share.
 
         Per-request problems come back as `RequestFailed`; nothing raises for them. If the
         caller is cancelled, the batch still finishes on the thread and its result is dropped.
@@ -297,7 +306,9 @@ class ModelRunner:
         if not requests:
             return BatchOutcome(outcomes=(), infer_ms=0.0, forward_passes=0)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, execute_batch, model, list(requests))
+        return await loop.run_in_executor(
+            self._executor, execute_batch, model, list(requests), parameters
+        )
 
     async def close(self) -> None:
         """Refuse new batches and wait (off the event loop) for the running one to finish."""

@@ -561,7 +561,9 @@ class Worker:
         if not live:
             return answers
         model = live[0].model
-        outcome = await self._runner.run_batch(model, [pending.inputs for pending in live])
+        outcome = await self._runner.run_batch(
+            model, [pending.inputs for pending in live], batch.key.parameters
+        )
         metric_model = model.name
         batch_size = len(live)
         self._metrics.batch_size.labels(model=metric_model).observe(batch_size)

@@ -19,9 +19,11 @@ from schemas.messages import InferenceRequest, ResultStatus
 from schemas.settings import KafkaSettings
 from schemas.tensors import Tensor
 from schemas.topics import TopicNames
+from workers.authoring import write_version
 from workers.example_models import write_example_models
 from workers.memory import MemoryConsumer, MemoryPartition, MemoryRecord, MemoryWriter
 from workers.metrics import Outcome, WorkerMetrics
+from workers.models import ModelConfig, ParameterSpec, TensorSpec
 from workers.repository import DirectoryModelRepository
 from workers.runner import ModelRunner
 from workers.settings import WorkerSettings
@@ -165,3 +167,68 @@ async def test_a_record_of_plain_and_of_unusual_shape_get_the_same_result(
 
     plain_result, unusual_result = (decode_result(answer.value) for answer in writer.sent)
     assert plain_result.outputs == unusual_result.outputs
+
+
+class Scaled(torch.nn.Module):
+    """Takes its parameters as keyword arguments (0-d tensors)."""
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return x * scale + shift
+
+
+async def test_parameters_reach_the_model_and_only_equal_ones_batch_together(
+    tmp_path: Path, runner: ModelRunner
+) -> None:
+    config = ModelConfig(
+        inputs=(TensorSpec(name="x", datatype="FP32", shape=(2,)),),
+        outputs=(TensorSpec(name="y", datatype="FP32", shape=(2,)),),
+        parameters=(
+            ParameterSpec(name="scale", datatype="FP32", default=1.0),
+            ParameterSpec(name="shift", datatype="INT64", default=0),
+        ),
+    )
+    write_version(root=tmp_path, name="scaled", module=Scaled(), config=config, version=1)
+    topic = MemoryPartition(TOPICS.requests("scaled"), 0)
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+    asked: list[tuple[str, dict[str, object]]] = [
+        (f"p{i}", parameters)
+        for i, parameters in enumerate(
+            [{}, {"scale": 2.0}, {"scale": 3, "shift": 1}, {}, {"scale": 2.0}] * 4
+        )
+    ]
+    refused = [
+        ("unknown", {"temperature": 1.0}),
+        ("wrong-kind", {"shift": 0.5}),
+        ("not-a-number", {"scale": "2"}),
+        ("bool", {"scale": True}),
+    ]
+
+    def record(offset: int, request_id: str, parameters: dict[str, object]) -> MemoryRecord:
+        request = InferenceRequest(
+            id=request_id,
+            model="scaled",
+            inputs=(Tensor.from_numpy("x", x),),
+            parameters=parameters,  # type: ignore[arg-type]
+        )
+        return MemoryRecord(offset=offset, value=encode_request(request))
+
+    records = [record(offset, *asked_for) for offset, asked_for in enumerate(asked + refused)]
+    consumer = MemoryConsumer({topic: records})
+    worker = new_worker(tmp_path, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+
+    await serve_burst(worker, consumer, writer)
+
+    results = {a.request_id: decode_result(a.value) for a in writer.sent}
+    for request_id, parameters in asked:
+        scale, shift = parameters.get("scale", 1.0), parameters.get("shift", 0)
+        result = results[request_id]
+        assert result.status is ResultStatus.OK, result.error
+        np.testing.assert_allclose(result.outputs[0].to_numpy(), x * scale + shift)
+        assert result.timing is not None
+        assert result.timing.batch_size <= 8  # 3 distinct parameter sets among 20 requests
+    for request_id, _ in refused:
+        error = results[request_id].error
+        assert error is not None
+        assert error.code is ErrorCode.VALIDATION_ERROR
+    assert "takes parameters ['scale', 'shift']" in str(results["unknown"].error)
