@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export INFERQ_CACHE_DIR := $(CACHE_DIR)
 
 .PHONY: help venv bench-venv demo test lint typecheck unit stack-up stack-down stack-status \
-	bench bench-quick bench-gpu clean
+	bench bench-quick bench-gpu bench-formats clean
 
 help:
 	@echo "make demo        start Kafka + Redis, run the end-to-end demo, stop them"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench       codec + end-to-end benchmarks, ~15 min (not part of make test)"
 	@echo "make bench-quick the end-to-end benchmark on 20,000 requests, ~4 min"
 	@echo "make bench-gpu   batcher + runner against the raw forward on a CUDA GPU"
+	@echo "make bench-formats  load time and throughput of the example CNN per model format"
 
 venv: $(STAMP)
 
@@ -90,6 +91,9 @@ bench-quick: bench-venv
 
 bench-gpu: bench-venv
 	$(PY) bench/gpu.py
+
+bench-formats: venv
+	$(PY) bench/formats.py
 
 clean:
 	rm -rf .stack .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +24,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from workers.authoring import config_from_example, write_version
+from workers.authoring import config_from_example, example_inputs, write_version
 from workers.errors import ModelLoadError
 from workers.formats import ModelFormat, build_from_factory, detect_format
-from workers.models import CONFIG_FILENAME, ModelConfig, torch_dtype
+from workers.models import CONFIG_FILENAME, LoadedModel, ModelConfig, torch_dtype
 from workers.repository import (
     ModelManifest,
     VersionDir,
@@ -74,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("--max-batch-size", type=int, default=32)
     add.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     add.add_argument("--policy", help="write model.json's policy: latest:N, specific:1,3 or all")
+    add.add_argument(
+        "--quantization", choices=["int8_dynamic"],
+        help="quantize the Linear layers at load (weights formats with a factory)",
+    )  # fmt: skip
+    add.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+        help="compute in this precision (outputs keep the example's datatypes)",
+    )  # fmt: skip
 
     validate = commands.add_parser("validate", help="load and warm up every version")
     validate.add_argument("repository", type=Path)
@@ -156,6 +165,9 @@ def _add(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
     )
+    config = config.model_copy(
+        update={"precision": args.precision, "quantization": args.quantization}
+    )
     fmt = ModelFormat(args.format)
     manifest = (
         None if args.policy is None else ModelManifest(version_policy=parse_policy(args.policy))
@@ -210,6 +222,10 @@ def _validate(repository: Path, device: torch.device) -> int:
                               "[red]failed[/red]", "", "", note)  # fmt: skip
                 continue
             served = version in listing.policy.select(listing.versions)
+            notes = [] if served else [f"not served ({listing.policy.describe()})"]
+            if loaded.model.config.quantization is not None:
+                reference = VersionLoader(device=device, warmup=False, quantize=False)(entry)
+                notes.append(compare_quantized(loaded.model, reference.model))
             table.add_row(
                 name,
                 str(version),
@@ -217,13 +233,39 @@ def _validate(repository: Path, device: torch.device) -> int:
                 "ok",
                 f"{loaded.load_seconds:.2f}",
                 _megabytes(loaded.memory_bytes),
-                "" if served else f"not served ({listing.policy.describe()})",
+                "; ".join(notes),
             )
     console.print(table)
     if not listings:
         console.print(f"[red]{repository} holds no models[/red]")
         return 1
     return 1 if failed else 0
+
+
+def compare_quantized(model: LoadedModel, reference: LoadedModel, repeats: int = 20) -> str:
+    """The quantized model against itself unquantized on one fixed batch: accuracy and speed."""
+    rows = model.config.max_batch_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(example.shape, generator=generator).to(example.dtype)
+        if example.is_floating_point() else torch.zeros_like(example)
+        for example in example_inputs(model.config, rows)
+    ]  # fmt: skip
+    seconds = []
+    outputs = []
+    with torch.inference_mode():
+        for candidate in (model, reference):
+            candidate.forward(inputs, candidate.warm_up_parameters(), rows=rows)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                result = candidate.forward(inputs, candidate.warm_up_parameters(), rows=rows)
+            seconds.append(time.perf_counter() - started)
+            outputs.append(result)
+    delta = max(float((q.double() - r.double()).abs().max()) for q, r in zip(*outputs, strict=True))
+    return (
+        f"{model.config.quantization}: max |delta| {delta:.4g} against "
+        f"{model.config.precision}, {seconds[1] / seconds[0]:.2f}x its speed at batch {rows}"
+    )
 
 
 def _format_on_disk(version_dir: Path) -> str:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -168,6 +168,13 @@ class ParameterSpec(BaseModel):
         return {"BOOL": False, "INT64": 0}.get(self.datatype, 0.0)
 
 
+PRECISIONS: Mapping[str, torch.dtype | None] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
 class ModelConfig(BaseModel):
     """The content of a model version's `config.json`."""
 
@@ -187,6 +194,12 @@ class ModelConfig(BaseModel):
     """`package.module:callable` building the module, for weights-only formats."""
     parameters: tuple[ParameterSpec, ...] = ()
     """Keyword arguments a request may (or, without a default, must) set in `parameters`."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """The floating dtype the module computes in: cast at load, inputs cast on the way in,
+    outputs cast back to the datatypes declared here."""
+    quantization: Literal["int8_dynamic"] | None = None
+    """`int8_dynamic`: the module's `nn.Linear` layers are quantized at load (torchao: int8
+    weights, activations quantized per batch)."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelConfig:
@@ -236,6 +249,8 @@ class LoadedModel:
     device: torch.device
     format: ModelFormat = ModelFormat.TORCH_EXPORT
 
+    compute_dtype: torch.dtype | None = field(init=False, repr=False, compare=False)
+    """The dtype floating inputs are cast to (`config.precision`); None for fp32."""
     input_datatypes: tuple[Datatype, ...] = field(init=False, repr=False, compare=False)
     """The wire datatype of each input, in `config.inputs` order."""
     output_datatypes: tuple[Datatype, ...] = field(init=False, repr=False, compare=False)
@@ -249,6 +264,21 @@ class LoadedModel:
         for name, specs in (("input", self.config.inputs), ("output", self.config.outputs)):
             datatypes = tuple(Datatype(spec.datatype) for spec in specs)
             object.__setattr__(self, f"{name}_datatypes", datatypes)
+        object.__setattr__(self, "compute_dtype", PRECISIONS[self.config.precision])
+
+    def forward(
+        self, inputs: Sequence[torch.Tensor], kwargs: Mapping[str, torch.Tensor], *, rows: int
+    ) -> list[torch.Tensor]:
+        """Run the module on batched inputs; its outputs checked, in `config.outputs` order.
+
+        At a reduced precision, floating inputs are cast to it and floating outputs back to
+        their declared datatypes.
+        """
+        compute = self.compute_dtype
+        if compute is not None:
+            inputs = [t.to(compute) if t.is_floating_point() else t for t in inputs]
+            kwargs = {k: t.to(compute) if t.is_floating_point() else t for k, t in kwargs.items()}
+        return self.collect_outputs(self.module(*inputs, **kwargs), rows=rows)
 
     @property
     def label(self) -> str:
@@ -403,6 +433,13 @@ class LoadedModel:
         for spec, tensor in zip(specs, tensors, strict=True):
             if not isinstance(tensor, torch.Tensor):
                 raise self._bad_output(f"returned a {type(tensor).__name__} for {spec.name!r}")
+            declared = torch_dtype(spec.datatype)
+            if (
+                self.compute_dtype is not None
+                and tensor.dtype == self.compute_dtype
+                and declared.is_floating_point
+            ):
+                tensor = tensor.to(declared)
             if tensor.dtype != torch_dtype(spec.datatype):
                 raise self._bad_output(
                     f"returned {tensor.dtype} for {spec.name!r}, expected {spec.datatype}"

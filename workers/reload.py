@@ -110,8 +110,8 @@ class ModelReloader:
                 load_seconds=round(served.load_seconds, 3),
                 memory_bytes=served.memory_bytes,
             )
-        for model in change.retired:
-            log.info("model version draining", model=model.name, version=model.version)
+        for name, version in change.retired:
+            log.info("model version draining", model=name, version=version)
 
     def _unload_drained(self) -> None:
         drained = self._repository.drained()

@@ -40,8 +40,15 @@ from workers.errors import (
     UnknownVersionError,
     WarmUpError,
 )
-from workers.formats import LoadRequest, ModelFormat, detect_format, load_model_file
-from workers.models import CONFIG_FILENAME, VARIABLE_DIM, LoadedModel, ModelConfig, torch_dtype
+from workers.formats import Forward, LoadRequest, ModelFormat, detect_format, load_model_file
+from workers.models import (
+    CONFIG_FILENAME,
+    PRECISIONS,
+    VARIABLE_DIM,
+    LoadedModel,
+    ModelConfig,
+    torch_dtype,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -239,7 +246,7 @@ def warm_up(model: LoadedModel, batch_sizes: Sequence[int] = (1,)) -> None:
             for spec in model.config.inputs
         ]
         with torch.inference_mode():
-            model.collect_outputs(model.module(*inputs, **model.warm_up_parameters()), rows=rows)
+            model.forward(inputs, model.warm_up_parameters(), rows=rows)
 
 
 def module_memory_bytes(module: object) -> int | None:
@@ -248,9 +255,20 @@ def module_memory_bytes(module: object) -> int | None:
         return None
     seen: dict[tuple[int, int], int] = {}
     for tensor in [*module.parameters(), *module.buffers()]:
-        storage = tensor.untyped_storage()
-        seen[(storage.data_ptr(), tensor.device.index or 0)] = storage.nbytes()
+        for plain in _plain_tensors(tensor):
+            storage = plain.untyped_storage()
+            seen[(storage.data_ptr(), plain.device.index or 0)] = storage.nbytes()
     return sum(seen.values())
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding a tensor's memory: itself, or a subclass's inner tensors (a
+    quantized weight is int8 data and scales)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return [tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor]
+    names, _ = flatten()
+    return [plain for name in names for plain in _plain_tensors(getattr(tensor, name))]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -291,9 +309,27 @@ class LoadFailure:
 class VersionLoader:
     """Loads one version directory: checksums, config, model file, warm-up. Blocking."""
 
-    def __init__(self, *, device: torch.device, warmup: bool = True) -> None:
+    def __init__(self, *, device: torch.device, warmup: bool = True, quantize: bool = True) -> None:
+        """quantize: False loads a version without its `quantization` (to compare with)."""
         self._device = device
         self._warmup = warmup
+        self._quantize = quantize
+
+    def _at_precision(self, module: Forward, config: ModelConfig, fmt: ModelFormat) -> Forward:
+        """The module cast to the config's precision (floating parameters and buffers)."""
+        dtype = PRECISIONS[config.precision]
+        if dtype is None:
+            return module
+        if not isinstance(module, torch.nn.Module):
+            raise ModelConfigError(
+                f"precision {config.precision} needs a module to cast; a {fmt.value} model runs "
+                "at the dtypes it was compiled for (compile it at that precision instead)"
+            )
+        if not _device_supports(self._device, dtype):
+            raise ModelConfigError(
+                f"precision {config.precision} is not supported on {self._device}"
+            )
+        return module.to(dtype)
 
     def __call__(self, entry: VersionDir) -> LoadedVersion:
         """The loaded version; a ModelLoadError (with its `reason`) when it cannot be served."""
@@ -316,6 +352,9 @@ class VersionLoader:
                     label=label,
                 ),
             )
+            if not self._quantize:
+                config = config.model_copy(update={"quantization": None})
+            module = quantized(self._at_precision(module, config, fmt), config, fmt)
             model = LoadedModel(
                 name=name,
                 version=version,
@@ -358,6 +397,30 @@ def open_version(
     )
     loader = VersionLoader(device=device or torch.device("cpu"), warmup=warmup)
     return loader(entry).model
+
+
+def quantized(module: Forward, config: ModelConfig, fmt: ModelFormat) -> Forward:
+    """The module with its `nn.Linear` layers quantized as the config asks (or as it is)."""
+    if config.quantization is None:
+        return module
+    if not isinstance(module, torch.nn.Module) or not any(
+        isinstance(layer, torch.nn.Linear) for layer in module.modules()
+    ):
+        raise ModelConfigError(
+            f"quantization {config.quantization} replaces nn.Linear layers, and this "
+            f"{fmt.value} model has none to replace: serve its weights with a factory "
+            "(safetensors or state_dict), or quantize before exporting"
+        )
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    return module
+
+
+def _device_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type == "cuda" and dtype is torch.bfloat16:
+        return bool(torch.cuda.is_bf16_supported())
+    return True  # fp16 on any CUDA device; on CPU both run (the warm-up proves the module does)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -441,7 +504,9 @@ class Change:
     """What an `apply` changed: for logs, metrics and the worker's subscriptions."""
 
     added: Sequence[LoadedVersion] = ()
-    retired: Sequence[LoadedModel] = ()
+    retired: Sequence[tuple[str, int]] = ()
+    """(name, version) of the versions that started draining; not the models themselves,
+    which must be free to go as soon as no request holds them."""
     failures: Sequence[LoadFailure] = ()
     names_changed: bool = False
 
@@ -581,7 +646,10 @@ class DirectoryModelRepository:
                 )
             )
         change = Change(
-            added=added, retired=retired, failures=update.failures, names_changed=names_changed
+            added=added,
+            retired=[(model.name, model.version) for model in retired],
+            failures=update.failures,
+            names_changed=names_changed,
         )
         if change:
             self.generation += 1

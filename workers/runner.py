@@ -182,14 +182,13 @@ class BatchExecution:
         limit = self._model.config.max_batch_size
         if rows <= limit:
             self.forward_passes += 1
-            result = self._model.module(*inputs, **self._kwargs)
-            return self._model.collect_outputs(result, rows=rows)
+            return self._model.forward(inputs, self._kwargs, rows=rows)
         parts: list[list[torch.Tensor]] = []
         for start in range(0, rows, limit):
             stop = min(start + limit, rows)
             self.forward_passes += 1
-            result = self._model.module(*(t[start:stop] for t in inputs), **self._kwargs)
-            parts.append(self._model.collect_outputs(result, rows=stop - start))
+            sliced = [tensor[start:stop] for tensor in inputs]
+            parts.append(self._model.forward(sliced, self._kwargs, rows=stop - start))
         return [torch.cat(slices) for slices in zip(*parts, strict=True)]
 
     def _to_device(self, parts: Sequence[NDArray[Any]], datatype: Datatype) -> torch.Tensor:

@@ -326,7 +326,11 @@ class Worker:
                 await intake
 
     async def models_changed(self, change: Change) -> None:
-        """Follow the repository: consume the request topics of exactly the served models."""
+        """Follow the repository: drop what is cached per version (so a retired one can go
+        even while no record arrives), consume the request topics of exactly the served
+        models."""
+        self._generation = self._repository.generation
+        self._admission.forget_models()
         if change.names_changed and self._resubscribe is not None and not self._closing:
             await self._resubscribe()
 

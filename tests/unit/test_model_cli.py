@@ -87,6 +87,21 @@ def test_validate_passes_on_the_examples(
         assert row in out
 
 
+def test_validate_reports_what_int8_quantization_costs_in_accuracy_and_speed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out = run(
+        capsys, "add", str(tmp_path), "mlp", "--factory", "workers.example_models:MLP",
+        "--input", "input:FP32:784", "--format", "safetensors", "--quantization", "int8_dynamic",
+    )  # fmt: skip
+    assert status == 0, out
+    status, out = run(capsys, "validate", str(tmp_path))
+    assert status == 0, out
+    assert "mlp 1 safetensors ok" in out
+    assert "int8_dynamic: max |delta| " in out
+    assert "against fp32" in out
+
+
 @pytest.mark.parametrize(
     ("breakage", "note"),
     [

@@ -181,6 +181,61 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, fmt: Model
         assert not marker.exists()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "fmt",
+    [ModelFormat.TORCH_EXPORT, ModelFormat.SAFETENSORS, ModelFormat.TORCHSCRIPT],
+    ids=lambda fmt: fmt.value,
+)
+def test_a_reduced_precision_computes_in_it_and_answers_in_the_declared_datatype(
+    tmp_path: Path, fmt: ModelFormat, precision: str
+) -> None:
+    config = MLP.config.model_copy(update={"precision": precision})
+    version_dir = write_version(root=tmp_path, name="mlp", module=build_example(MLP),
+                                config=config, fmt=fmt, version=1, factory=MLP.factory)  # fmt: skip
+    model = open_version(version_dir, warmup=True)
+    assert isinstance(model.module, nn.Module)
+    weights = list(model.module.parameters())
+    assert {p.dtype for p in weights} == {model.compute_dtype}
+    x = torch.randn(7, 784, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        (reduced,) = model.forward([x], {}, rows=7)
+        exact = build_example(MLP)(x)
+    assert reduced.dtype == torch.float32
+    torch.testing.assert_close(reduced, exact, rtol=0.05, atol=0.05)
+    assert not torch.equal(reduced, exact)
+
+
+def test_int8_quantization_replaces_the_linear_layers_of_a_factory_model(tmp_path: Path) -> None:
+    config = MLP.config.model_copy(update={"quantization": "int8_dynamic"})
+    version_dir = write_version(root=tmp_path, name="mlp", module=build_example(MLP),
+                                config=config, fmt=ModelFormat.SAFETENSORS, version=1,
+                                factory=MLP.factory)  # fmt: skip
+    model = open_version(version_dir, warmup=True)
+    x = torch.randn(7, 784, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        (quantized,) = model.forward([x], {}, rows=7)
+        exact = build_example(MLP)(x)
+    torch.testing.assert_close(quantized, exact, rtol=0.05, atol=0.05)
+    assert not torch.equal(quantized, exact)
+    exported = write_version(root=tmp_path, name="exported", module=build_example(MLP),
+                             config=config, version=1)  # fmt: skip
+    with pytest.raises(ModelLoadError, match="has none to replace") as raised:
+        open_version(exported)
+    assert raised.value.reason == "config"
+
+
+def test_a_compiled_package_cannot_be_cast_to_another_precision(tmp_path: Path) -> None:
+    version_dir = write_example(tmp_path, MLP, ModelFormat.AOT_INDUCTOR)
+    config = json.loads((version_dir / "config.json").read_text())
+    config["precision"] = "bf16"
+    (version_dir / "config.json").write_text(json.dumps(config))
+    write_checksums(version_dir)
+    with pytest.raises(ModelLoadError, match="runs at the dtypes it was compiled for") as raised:
+        open_version(version_dir)
+    assert raised.value.reason == "config"
+
+
 # Integrity
 
 
