@@ -32,6 +32,7 @@ from schemas.messages import InferenceRequest, InferenceResult, ResultStatus
 from schemas.settings import KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 from workers.example_models import write_example_models
+from workers.formats import ModelFormat
 from workers.repository import open_version
 from workers.topics import ensure_topics
 
@@ -97,7 +98,8 @@ async def run_demo(*, count: int, partitions: int, models_dir: Path, stack: Loca
         partitions=partitions,
         replication_factor=1,
     )
-    write_example_models(models_dir)
+    for version_dir in write_example_models(models_dir, ModelFormat.TORCH_EXPORT):
+        console.print(f"wrote {version_dir} (a torch.export program, with its SHA256SUMS)")
     env = {
         **os.environ,
         "INFERQ_KAFKA__BOOTSTRAP_SERVERS": config.bootstrap_servers,
