@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tests.integration.worker_harness import (
     Deployment,
     assert_outputs_match,
     running_worker,
+    spawn_worker_cli,
+    stop_process,
     wait_until_ready,
 )
 from workers.example_models import EXAMPLE_MODELS, write_example
@@ -133,3 +136,38 @@ async def test_a_model_added_while_serving_is_served_without_a_restart(
             await bounded(publish(client, requests), what="publishing", timeout_s=60)
             results = await client.results([r.id for r in requests], timeout_s=90)
     assert_outputs_match(source, requests, results)
+
+
+@pytest.mark.slow
+async def test_sighup_to_the_supervisor_reloads_its_children(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    # Polling is off: only the signal can make the workers see version 2.
+    first = write_example(tmp_path / "staged", MLP_V1, name="hup", version=1)
+    second = write_example(tmp_path / "staged", MLP_V2, name="hup", version=2)
+    install(first, deployment.models_dir, "hup", 1)
+    supervisor = spawn_worker_cli(
+        deployment, tmp_path / "worker.log", "--procs", "1", INFERQ_MODEL_POLL_INTERVAL_S="0"
+    )
+    try:
+        async with deployment.client() as client:
+            probe = requests_for("hup", 5, "before")
+            await bounded(publish(client, probe), what="publishing", timeout_s=60)
+            before = await client.results([r.id for r in probe], timeout_s=120)
+            assert {r.version for r in before.values()} == {1}
+            install(second, deployment.models_dir, "hup", 2)
+            supervisor.send_signal(signal.SIGHUP)
+            seen: set[int | None] = set()
+            for attempt in range(60):
+                probe = requests_for("hup", 5, f"after-{attempt}")
+                await bounded(publish(client, probe), what="publishing", timeout_s=60)
+                after = await client.results([r.id for r in probe], timeout_s=60)
+                seen = {r.version for r in after.values()}
+                if seen == {2}:
+                    break
+                await asyncio.sleep(0.5)
+            assert seen == {2}
+            assert_outputs_match(second, probe, after)
+        assert supervisor.poll() is None, "SIGHUP must not stop the supervisor"
+    finally:
+        assert stop_process(supervisor) == 0
