@@ -1,13 +1,21 @@
-"""An inference client: publish requests to Kafka, read results from Redis (or their topic)."""
+"""An inference client: publish requests to Kafka, get their results back.
+
+`infer` waits on this client's own reply topic (`producers.replies`): one consumer for every
+waiting call. `results` polls Redis for many ids at once (falling back to the result topics),
+for callers that submitted in bulk.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
@@ -17,10 +25,12 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producers.inputs import Inputs, Prediction, as_tensors
+from producers.replies import ReplyListener
 from producers.result_topic import ResultTopicScan, Submission
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
-from schemas.messages import InferenceRequest, InferenceResult
+from schemas.messages import InferenceRequest, InferenceResult, now_ms
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,28 @@ SCAN_POLL_MS: Final = 200
 """Longest a result-topic read waits for records before the client checks on its waits."""
 SCAN_RETRY_S: Final = 1.0
 """Pause before a result-topic scan that failed (broker down, topic missing) is tried again."""
+
+
+class InferenceClientError(Exception):
+    """Base of the client's errors."""
+
+
+class BrokerUnavailableError(InferenceClientError, ConnectionError):
+    """Kafka did not answer (at start, or while publishing)."""
+
+
+class ModelTopicMissingError(InferenceClientError, LookupError):
+    """The model's request topic does not exist: no worker serves it, and none created it."""
+
+
+class InferenceFailedError(InferenceClientError):
+    """The request was answered with an error (or expired); `result` says why."""
+
+    def __init__(self, result: InferenceResult) -> None:
+        error = result.error
+        detail = f"{error.code}: {error.message}" if error is not None else str(result.status)
+        super().__init__(f"request {result.id} ({result.model}) failed: {detail}")
+        self.result = result
 
 
 class ResultTimeoutError(TimeoutError):
@@ -107,6 +139,12 @@ class InferenceClient:
         self._content_type_header = settings.content_type.value.encode()
         self._large_records = InFlightBytes(budget_bytes=settings.max_request_bytes)
         self._submissions: OrderedDict[str, Submission] = OrderedDict()
+        self._known_topics: set[str] = set()
+        self._reply_topic = settings.reply_topic or self._topics.replies(
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self._replies: ReplyListener | None = None
+        self._replies_starting = asyncio.Lock()
 
     async def __aenter__(self) -> InferenceClient:
         await self.start()
@@ -121,23 +159,195 @@ class InferenceClient:
         await self.close()
 
     async def start(self) -> None:
-        """Connect to Kafka."""
-        await self._producer.start()
+        """Connect to Kafka; BrokerUnavailableError when it does not answer."""
+        try:
+            await self._producer.start()
+        except KafkaError as error:
+            raise BrokerUnavailableError(
+                f"Kafka at {self._settings.kafka.bootstrap_servers} does not answer: {error!r}"
+            ) from error
 
     async def close(self) -> None:
-        """Flush pending requests and disconnect."""
+        """Flush pending requests and disconnect; calls still waiting in `infer` are cancelled."""
         try:
+            if self._replies is not None:
+                await self._replies.close()
             await self._producer.stop()
         finally:
             await self._redis.aclose()
 
-    async def submit(self, request: InferenceRequest, *, key: bytes | None = None) -> None:
+    @property
+    def reply_topic(self) -> str:
+        """Where `infer` asks for its results: `INFERQ_REPLY_TOPIC`, or one of this process."""
+        return self._reply_topic
+
+    def request(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        deadline: float | None = None,
+        reply_to: str | None = None,
+        parameters: Mapping[str, bool | int | float | str] | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> InferenceRequest:
+        """Build a request (validated as the wire contract says).
+
+        inputs: input name → numpy array, torch tensor or `schemas.Tensor` (or named Tensors).
+        deadline: seconds from now after which the worker answers `expired` without running it.
+        request_id: the id (default: a random one); a retry with the same id is answered once.
+        """
+        now = now_ms()
+        return InferenceRequest(
+            id=request_id or uuid.uuid4().hex,
+            model=model,
+            version=version,
+            inputs=as_tensors(inputs),
+            parameters=dict(parameters or {}),
+            reply_to=reply_to,
+            deadline_ms=None if deadline is None else now + int(deadline * 1000),
+            created_ms=now,
+            priority=priority,
+        )
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        key: bytes | None = None,
+        deadline: float | None = None,
+        reply_to: str | None = None,
+        parameters: Mapping[str, bool | int | float | str] | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> str:
+        """Publish one request and wait for Kafka's ack; return its id (see `request`).
+
+        key: the record key (default: the id); requests of one key keep their order.
+        """
+        request = self.request(
+            model, inputs, version=version, deadline=deadline, reply_to=reply_to,
+            parameters=parameters, priority=priority, request_id=request_id,
+        )  # fmt: skip
+        await self.submit_request(request, key=key)
+        return request.id
+
+    async def submit_many(self, requests: Iterable[InferenceRequest]) -> list[str]:
+        """Publish many requests, batched by the producer; return their ids once all are acked."""
+        requests = list(requests)
+        deliveries = [await self.enqueue(request) for request in requests]
+        await self._acked(asyncio.gather(*deliveries))
+        return [request.id for request in requests]
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout_s: float = 30.0,
+        raise_on_error: bool = True,
+        deadline: float | None = None,
+        parameters: Mapping[str, bool | int | float | str] | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> Prediction:
+        """Run one request and wait for its result, as numpy arrays by output name.
+
+        An error result raises InferenceFailedError, or with ``raise_on_error=False`` comes
+        back as a `Prediction` whose `error` says why. No result within ``timeout_s``:
+        ResultTimeoutError.
+        """
+        request = self.request(
+            model, inputs, version=version, deadline=deadline, reply_to=await self._reply_to(),
+            parameters=parameters, priority=priority, request_id=request_id,
+        )  # fmt: skip
+        result = await self.infer_request(request, timeout_s=timeout_s)
+        if not result.ok and raise_on_error:
+            raise InferenceFailedError(result)
+        return Prediction.of(result)
+
+    async def infer_request(
+        self, request: InferenceRequest, *, timeout_s: float = 30.0
+    ) -> InferenceResult:
+        """Publish ``request`` and wait for its result on the reply topic (`reply_to` is set
+        to this client's reply topic unless it names another one, which is then polled)."""
+        reply_to = await self._reply_to()
+        if request.reply_to not in (None, reply_to):
+            await self.submit_request(request)
+            return (await self.results([request.id], timeout_s=timeout_s))[request.id]
+        if request.reply_to is None:
+            request = request.model_copy(update={"reply_to": reply_to})
+        assert self._replies is not None
+        waiting = self._replies.expect(request.id)
+        try:
+            await self.submit_request(request)
+            return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
+        except TimeoutError:
+            late = await self._from_redis([request.id])  # one last look
+            if request.id in late:
+                return late[request.id]
+            raise ResultTimeoutError([request.id], timeout_s) from None
+        finally:
+            self._replies.forget(request.id)
+
+    async def _reply_to(self) -> str:
+        """This client's reply topic, its listener started on first use."""
+        if self._replies is None:
+            async with self._replies_starting:
+                if self._replies is None:
+                    listener = ReplyListener(
+                        kafka=self._settings.kafka,
+                        topic=self._reply_topic,
+                        partitions=self._settings.reply_topic_partitions,
+                        sweep=self._from_redis,
+                        sweep_after_s=self._settings.reply_sweep_s,
+                    )
+                    try:
+                        await listener.start()
+                    except KafkaError as error:
+                        raise BrokerUnavailableError(
+                            f"cannot read reply topic {self._reply_topic}: {error!r}"
+                        ) from error
+                    self._replies = listener
+        return self._reply_topic
+
+    async def _from_redis(self, request_ids: Sequence[str]) -> dict[str, InferenceResult]:
+        found: dict[str, InferenceResult] = {}
+        await self._results_from_redis(dict.fromkeys(request_ids), found)
+        return found
+
+    async def _acked(self, deliveries: Awaitable[object]) -> None:
+        try:
+            await deliveries
+        except KafkaError as error:
+            raise BrokerUnavailableError(f"Kafka did not acknowledge: {error!r}") from error
+
+    async def _check_topic(self, topic: str, model: str) -> None:
+        """ModelTopicMissingError for a request topic the cluster does not have (once)."""
+        if topic in self._known_topics:
+            return
+        cluster = self._producer.client.cluster
+        if topic not in cluster.topics():
+            await self._producer.client.force_metadata_update()
+        if topic not in cluster.topics():
+            raise ModelTopicMissingError(
+                f"request topic {topic} of model {model!r} does not exist: is a worker serving "
+                f"{model!r} (workers create their model's topics), or create it yourself"
+            )
+        self._known_topics.add(topic)
+
+    async def submit_request(self, request: InferenceRequest, *, key: bytes | None = None) -> None:
         """Publish ``request`` and wait until Kafka acknowledges it.
 
         The record key is the request id unless ``key`` chooses another (for ordering).
         """
         delivery = await self.enqueue(request, key=key)
-        await delivery
+        await self._acked(delivery)
 
     async def enqueue(
         self, request: InferenceRequest, *, key: bytes | None = None
@@ -147,6 +357,8 @@ class InferenceClient:
         A record larger than a batch waits until the large records before it are acknowledged,
         as far as they would not fit in one request with it (`max_request_bytes`).
         """
+        topic = self._topics.requests(request.model)
+        await self._check_topic(topic, request.model)
         value = encode_request(request, self._settings.content_type)
         record_key = key if key is not None else request.id.encode()
         size_bytes = len(value) + len(record_key)
@@ -160,7 +372,7 @@ class InferenceClient:
         )
         try:
             future: asyncio.Future[object] = await self._producer.send(
-                self._topics.requests(request.model),
+                topic,
                 value,
                 key=record_key,
                 headers=[(HEADER_CONTENT_TYPE, self._content_type_header)],
@@ -220,11 +432,6 @@ class InferenceClient:
         for request_id in found:
             self._submissions.pop(request_id, None)
         return found
-
-    async def infer(self, request: InferenceRequest, *, timeout_s: float = 30.0) -> InferenceResult:
-        """Publish one request and wait for its result."""
-        await self.submit(request)
-        return (await self.results([request.id], timeout_s=timeout_s))[request.id]
 
     def _remember(self, request_id: str, submission: Submission) -> None:
         """Keep where and when ``request_id`` was submitted, forgetting the oldest past the cap."""

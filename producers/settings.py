@@ -35,6 +35,21 @@ class ProducerSettings(BaseSettings):
     result_poll_interval_ms: int = Field(
         default=5, ge=1, description="How often a waiting client polls Redis for its result."
     )
+    reply_topic: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]{0,249}$",
+        description="The topic infer() reads its results from (created if missing); empty: "
+        "{prefix}.replies.{host}-{pid}-{random}, one per client.",
+    )
+    reply_topic_partitions: int = Field(
+        default=4, ge=1, description="Partitions of a reply topic the client creates."
+    )
+    reply_sweep_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How long an infer() call waits on the reply topic before Redis is "
+        "checked for its result too (one MGET for all such calls), seconds.",
+    )
     result_topic_fallback_s: float = Field(
         default=5.0,
         gt=0,

@@ -63,6 +63,18 @@ class TopicNames:
         return self._topic(_RESULTS, model)
 
     @property
+    def reply_prefix(self) -> str:
+        """What a client's reply topic starts with, and what workers accept by default."""
+        return f"{self.prefix}.replies."
+
+    def replies(self, name: str) -> str:
+        """A reply topic (a `reply_to` that workers accept by default) named ``name``."""
+        topic = self.reply_prefix + name
+        if not name or not is_topic_name(topic) or len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"name: {name!r} cannot end a Kafka topic name ({topic!r})")
+        return topic
+
+    @property
     def dead_letters(self) -> str:
         """The topic of records that could not be answered at all (their id was unreadable)."""
         return f"{self.prefix}.dlq"

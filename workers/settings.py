@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.settings import KafkaSettings, RedisSettings
+from schemas.topics import TopicNames
 
 
 def default_worker_id() -> str:
@@ -108,7 +109,7 @@ class WorkerSettings(BaseSettings):
     def reply_topic_prefix_list(self) -> list[str]:
         """The prefixes a request's ``reply_to`` may start with."""
         prefixes = [p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()]
-        return prefixes or [f"{self.kafka.topic_prefix}.replies."]
+        return prefixes or [TopicNames(prefix=self.kafka.topic_prefix).reply_prefix]
 
     @property
     def served_model_names(self) -> list[str] | None:

@@ -115,7 +115,7 @@ async def test_a_reply_to_result_is_found_while_redis_is_unreachable(
     ours = request_for(deployment, "ours", reply_to=reply_topic)
     other = request_for(deployment, "other", reply_to=reply_topic)
     async with fallback_client(deployment, redis_url=nowhere) as client:
-        await bounded(client.submit(ours), what="submit", timeout_s=20)
+        await bounded(client.submit_request(ours), what="submit", timeout_s=20)
         await write_results(
             deployment.bootstrap,
             reply_topic,
@@ -135,7 +135,7 @@ async def test_a_result_on_no_topic_still_times_out(deployment: Deployment) -> N
     topics = TopicNames(prefix=deployment.prefix)
     async with fallback_client(deployment) as client:
         for request in (answered, unanswered):
-            await bounded(client.submit(request), what="submit", timeout_s=20)
+            await bounded(client.submit_request(request), what="submit", timeout_s=20)
         await write_results(
             deployment.bootstrap,
             topics.results("mlp"),

@@ -89,7 +89,7 @@ async def test_large_records_sent_at_once_are_all_acknowledged(
             model="big",
             inputs=(Tensor.from_numpy("input", np.zeros((1, 16), dtype=np.uint8)),),
         )
-        await bounded(clients[0].submit(small), what="a small produce after", timeout_s=20)
+        await bounded(clients[0].submit_request(small), what="a small produce after", timeout_s=20)
     except BaseException:
         for client in clients:  # a client that cannot flush must not hide why
             with contextlib.suppress(Exception):

@@ -242,7 +242,7 @@ async def test_a_redelivered_request_is_answered_from_the_cache_without_running(
     await redis_client.set(topics.result_key(request.id), encode_result(earlier), ex=60)
     async with running_worker(deployment) as running, deployment.client() as client:
         await wait_until_ready(running)
-        await client.submit(request)
+        await client.submit_request(request)
         (record,) = await read_topic(deployment.bootstrap, topics.results("mlp"), expected=1)
     assert record.key == request.id.encode()
     resent = decode_result(record.value)

@@ -74,14 +74,15 @@ class Deployment:
             **overrides,
         }
 
-    def client(self) -> InferenceClient:
-        return InferenceClient(
-            settings=ProducerSettings(
-                kafka=KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
-                redis=RedisSettings(url=self.redis_url),
-                result_poll_interval_ms=20,
-            )
+    def producer_settings(self) -> ProducerSettings:
+        return ProducerSettings(
+            kafka=KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
+            redis=RedisSettings(url=self.redis_url),
+            result_poll_interval_ms=20,
         )
+
+    def client(self) -> InferenceClient:
+        return InferenceClient(settings=self.producer_settings())
 
 
 @dataclass
