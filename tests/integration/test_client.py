@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +20,14 @@ from producers.client import (
     InferenceFailedError,
     ModelTopicMissingError,
 )
+from producers.load import publish, random_requests
 from producers.settings import ProducerSettings
 from producers.sync import SyncInferenceClient
 from schemas.errors import ErrorCode
 from schemas.messages import InferenceRequest
 from schemas.settings import KafkaSettings
 from schemas.tensors import Tensor
-from tests.integration.kafka_helpers import bounded
+from tests.integration.kafka_helpers import bounded, until
 from tests.integration.worker_harness import Deployment, running_worker, wait_until_ready
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -115,3 +119,39 @@ async def test_the_sync_facade_serves_eight_threads_at_once(deployment: Deployme
         ]
         expected = model_outputs(deployment.models_dir / "mlp" / "1", requests)
         np.testing.assert_allclose(np.concatenate(thread_outputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def handled_ids(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+async def test_a_pipeline_killed_mid_stream_and_restarted_misses_no_result(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    count = 3000
+    requests = random_requests(model="mlp", count=count, input_name="input", row_shape=[784])
+    async with running_worker(deployment) as running, deployment.client() as client:
+        await wait_until_ready(running)
+        await bounded(publish(client, requests), what="publishing", timeout_s=60)
+        await client.results([r.id for r in requests], timeout_s=120)
+    out = tmp_path / "handled.txt"
+    env = {**deployment.worker_env(), "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-m", "tests.integration.pipeline_consumer", str(out), "mlp",
+               f"{deployment.prefix}-pipeline"]  # fmt: skip
+    first = subprocess.Popen(command, env=env)  # noqa: ASYNC220 - started, never waited on here
+    try:
+        await until(lambda: len(handled_ids(out)) >= count // 3, what="a third", timeout_s=60)
+    finally:
+        first.kill()  # SIGKILL: no commit, no goodbye
+        first.wait()
+    handled_before = len(handled_ids(out))
+    assert handled_before < count, "the stage finished before it was killed"
+    second = subprocess.Popen(command, env=env)  # noqa: ASYNC220
+    try:
+        wanted = {r.id for r in requests}
+        await until(lambda: wanted <= set(handled_ids(out)), what="every result", timeout_s=90)
+    finally:
+        second.terminate()
+        second.wait()
+    print(f"handled {handled_before} before the kill; {len(handled_ids(out)) - count} "
+          "handled twice (at-least-once)")  # fmt: skip
