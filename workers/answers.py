@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from schemas.topics import (
     TopicNames,
 )
 from workers.metrics import Outcome
+from workers.models import LoadedModel
 from workers.records import Addressee, Answer, PendingRequest, RecordSource
 
 Headers = Sequence[tuple[str, bytes]]
@@ -42,10 +44,11 @@ class Answers:
 
     topics: TopicNames
     worker_id: str
-    _templates: dict[tuple[str, int], OkResultTemplate] = field(
+    _templates: dict[int, tuple[weakref.ref[LoadedModel], OkResultTemplate]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    """The ok-result encoder of each model version, built on first use."""
+    """The ok-result encoder of each loaded model version (by identity: a version loaded
+    again may have other outputs), built on first use; it holds no model alive."""
 
     def forget_models(self) -> None:
         """Drop the encoders built per model version: the repository has changed."""
@@ -73,9 +76,10 @@ class Answers:
         """The ok answer of a request that ran: its rows of each output, in config order."""
         model = pending.model
         if pending.to.content_type is ContentType.MSGPACK:
-            template = self._templates.get((model.name, model.version))
+            cached = self._templates.get(id(model))
+            template = cached[1] if cached is not None and cached[0]() is model else None
             if template is None:
-                template = self._templates[(model.name, model.version)] = OkResultTemplate(
+                template = OkResultTemplate(
                     model=model.name,
                     version=model.version,
                     outputs=[
@@ -86,6 +90,7 @@ class Answers:
                     ],
                     worker=self.worker_id,
                 )
+                self._templates[id(model)] = (weakref.ref(model), template)
             value = template.encode(
                 request_id=pending.to.request_id, outputs=outputs, queue_ms=queue_ms,
                 infer_ms=infer_ms, batch_size=batch_size, created_ms=created_ms,

@@ -6,11 +6,13 @@ and renamed into place in one step; a worker polling the repository never sees h
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,14 +53,19 @@ def export_program(module: torch.nn.Module, config: ModelConfig) -> torch.export
     Variable dimensions of the config (-1) are exported dynamic too; the config's parameters
     are keyword arguments taking 0-d tensors.
     """
-    batch = torch.export.Dim("batch", min=1, max=config.max_batch_size)
+    # A Dim needs min < max: a model of one row at a time is exported at batch 1, static.
+    batch = (
+        torch.export.Dim("batch", min=1, max=config.max_batch_size)
+        if config.max_batch_size > 1
+        else None
+    )
     dynamic: list[dict[int, object] | None] = []
     for index, spec in enumerate(config.inputs):
-        dims: dict[int, object] = {0: batch}
+        dims: dict[int, object] = {} if batch is None else {0: batch}
         for position, dim in enumerate(spec.shape, start=1):
             if dim == VARIABLE_DIM:
                 dims[position] = torch.export.Dim(f"{spec.name}_{position}_{index}")
-        dynamic.append(dims)
+        dynamic.append(dims or None)
     kwargs = {
         spec.name: torch.tensor(
             spec.default if spec.default is not None else spec.zero(),
@@ -68,7 +75,7 @@ def export_program(module: torch.nn.Module, config: ModelConfig) -> torch.export
     }
     return torch.export.export(
         module.eval(),
-        example_inputs(config),
+        example_inputs(config, rows=min(EXPORT_EXAMPLE_ROWS, config.max_batch_size)),
         kwargs=kwargs,
         dynamic_shapes=(*dynamic, *(None for _ in kwargs)),
         strict=False,
@@ -151,7 +158,8 @@ def program_digest(program: torch.export.ExportedProgram) -> str:
         digest.update(name.encode())
         if isinstance(tensor, torch.Tensor):
             digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            flat = tensor.detach().contiguous().cpu().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -214,12 +222,15 @@ def write_version(
     factory: str | None = None,
     manifest: ModelManifest | None = None,
     cache_dir: Path | None = None,
+    check: Callable[[Path, int], None] | None = None,
 ) -> Path:
     """Write one version of model ``name`` atomically; return its directory.
 
     version: None writes the next one. An existing version directory is replaced.
     factory: `package.module:callable` building ``module``'s class, for weights-only formats.
     manifest: written as the model's `model.json` when given.
+    check: called with the finished staging directory and the version number before it is
+        renamed into place (raise to leave the repository as it was, e.g. a trial load).
     """
     if fmt.needs_factory and factory is None:
         raise ValueError(f"format {fmt.value} stores weights only: give the factory")
@@ -238,19 +249,44 @@ def write_version(
             config.model_dump_json(indent=2, exclude_none=True) + "\n"
         )
         write_checksums(staging)
+        if check is not None:
+            check(staging, number)
         staging.chmod(0o755)
         final = model_dir / str(number)
-        if final.exists():
+        if not final.exists():
+            staging.rename(final)
+        elif exchange_paths(staging, final):
+            shutil.rmtree(staging)  # now the old version
+        else:  # no atomic exchange here: the version is briefly absent
             retired = model_dir / f".{number}.{os.getpid()}.old"
             final.rename(retired)
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except BaseException:
+                retired.rename(final)
+                raise
             shutil.rmtree(retired)
-        else:
-            staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system cannot, so the caller falls back to two renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    status = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    if status == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -134,8 +134,13 @@ def _first_line(error: BaseException) -> str:
 
 def _load_torch_export(request: LoadRequest) -> Forward:
     program = torch.export.load(str(request.path))
+    if request.device.type != "cpu":
+        # Moves the program's lifted constants too, which `Module.to` would leave behind.
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, request.device)
     module: torch.nn.Module = program.module()
-    return module.to(request.device) if request.device.type != "cpu" else module
+    return module
 
 
 def _load_aot_inductor(request: LoadRequest) -> Forward:
@@ -200,7 +205,9 @@ def _load_torchscript(request: LoadRequest) -> Forward:
             str(request.path), map_location=request.device
         )
     for warning in caught:
-        if issubclass(warning.category, FutureWarning):
+        # Only torch.jit's own deprecation is ours to log; anything else (from this thread or
+        # another, while the filter was in place) goes back to the warnings machinery.
+        if issubclass(warning.category, FutureWarning) and "torch.jit" in str(warning.message):
             log.warning(
                 "model format deprecated",
                 model=request.label,

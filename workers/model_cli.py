@@ -29,6 +29,7 @@ from workers.errors import ModelLoadError
 from workers.formats import ModelFormat, build_from_factory, detect_format
 from workers.models import CONFIG_FILENAME, LoadedModel, ModelConfig, torch_dtype
 from workers.repository import (
+    LoadedVersion,
     ModelManifest,
     VersionDir,
     VersionLoader,
@@ -169,6 +170,7 @@ def _add(args: argparse.Namespace) -> int:
         update={"precision": args.precision, "quantization": args.quantization}
     )
     fmt = ModelFormat(args.format)
+    checked: list[LoadedVersion] = []
     manifest = (
         None if args.policy is None else ModelManifest(version_policy=parse_policy(args.policy))
     )
@@ -181,19 +183,21 @@ def _add(args: argparse.Namespace) -> int:
         version=args.version,
         factory=factory,
         manifest=manifest,
+        check=lambda staging, version: checked.append(
+            VersionLoader(device=torch.device("cpu"))(_entry(staging, args.name, version))
+        ),
     )
-    loaded = VersionLoader(device=torch.device("cpu"))(_entry(version_dir))
     console.print(
-        f"wrote {version_dir} ({fmt.value}, checked: loads and warms up in "
-        f"{loaded.load_seconds:.2f} s)"
+        f"wrote {version_dir} ({fmt.value}, checked first: it loads and warms up in "
+        f"{checked[0].load_seconds:.2f} s)"
     )
     return 0
 
 
-def _entry(version_dir: Path) -> VersionDir:
+def _entry(version_dir: Path, name: str | None = None, version: int | None = None) -> VersionDir:
     return VersionDir(
-        name=version_dir.parent.name,
-        version=int(version_dir.name),
+        name=name or version_dir.parent.name,
+        version=version or int(version_dir.name),
         path=version_dir,
         fingerprint=fingerprint_of(version_dir),
     )
@@ -251,6 +255,7 @@ def compare_quantized(model: LoadedModel, reference: LoadedModel, repeats: int =
         if example.is_floating_point() else torch.zeros_like(example)
         for example in example_inputs(model.config, rows)
     ]  # fmt: skip
+    inputs = [tensor.to(model.device) for tensor in inputs]
     seconds = []
     outputs = []
     with torch.inference_mode():

@@ -14,19 +14,21 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 import torch
 
-from workers.errors import ModelLoadError
 from workers.metrics import WorkerMetrics
 from workers.repository import Change, DirectoryModelRepository
 
 log = structlog.get_logger(__name__)
 
 OnChange = Callable[[Change], Awaitable[None]]
+DRAIN_CHECK_S = 1.0
+"""While a version drains, how often the reloader checks whether it can be unloaded."""
 
 
 class ModelReloader:
@@ -55,13 +57,26 @@ class ModelReloader:
         self._wake.set()
 
     async def run(self) -> None:
-        """Scan on every interval or request until cancelled."""
+        """Scan on every interval or request until cancelled; while versions drain, check
+        every `DRAIN_CHECK_S` whether they can be unloaded."""
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time() + self._interval_s if self._interval_s else math.inf
         try:
             while True:
+                timeout = next_scan - loop.time()
+                if self._repository.draining:
+                    timeout = min(timeout, DRAIN_CHECK_S)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval_s or None)
-                self._wake.clear()
-                await self.reload()
+                    await asyncio.wait_for(
+                        self._wake.wait(), None if math.isinf(timeout) else max(timeout, 0.0)
+                    )
+                if self._wake.is_set() or loop.time() >= next_scan:
+                    self._wake.clear()
+                    await self.reload()
+                    if self._interval_s:
+                        next_scan = loop.time() + self._interval_s
+                else:
+                    self._unload_drained()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -72,15 +87,18 @@ class ModelReloader:
         try:
             listings = await loop.run_in_executor(self._executor, repository.scan)
             update = await loop.run_in_executor(self._executor, repository.reconcile, listings)
-        except ModelLoadError as error:  # the repository itself is unreadable
-            log.error("model repository unreadable", error=error.message)
+        except Exception as error:  # the repository itself is unreadable: keep serving
+            log.error("model repository unreadable", error=f"{type(error).__name__}: {error}")
             self.reloads += 1
             return Change()
         change = repository.apply(update)
         repository.forget_missing_failures(listings)
         self.report(change)
         if change and self._on_change is not None:
-            await self._on_change(change)
+            try:
+                await self._on_change(change)
+            except Exception:  # a broker hiccup while resubscribing: the next change retries
+                log.exception("following the model change failed")
         self._unload_drained()
         self.reloads += 1
         return change

@@ -152,6 +152,9 @@ class ModelListing:
     name: str
     policy: VersionPolicy
     versions: Mapping[int, VersionDir]
+    manifest_error: str | None = None
+    """Why `model.json` was refused: then what serves stays as it is."""
+    manifest_fingerprint: str = ""
 
 
 def parse_version(entry: Path) -> int | None:
@@ -177,6 +180,14 @@ def fingerprint_of(version_dir: Path) -> str:
         stat = entry.stat()
         digest.update(f"\x00{entry.name}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:32]
+
+
+def _file_fingerprint(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def read_manifest(model_dir: Path) -> ModelManifest:
@@ -208,13 +219,17 @@ def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[st
         if not _MODEL_NAME.match(name):
             log.warning("ignoring repository entry", path=str(model_dir), reason="bad model name")
             continue
+        manifest_error: str | None = None
         try:
             manifest = read_manifest(model_dir)
         except ModelConfigError as error:
-            log.error("model manifest refused", model=name, error=error.message)
-            continue
+            manifest, manifest_error = ModelManifest(), error.message
         versions: dict[int, VersionDir] = {}
-        for entry in sorted(model_dir.iterdir()):
+        try:
+            entries = sorted(model_dir.iterdir())
+        except OSError:  # removed while we looked
+            continue
+        for entry in entries:
             version = parse_version(entry)
             if version is None:
                 continue
@@ -225,7 +240,13 @@ def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[st
             versions[version] = VersionDir(
                 name=name, version=version, path=entry, fingerprint=fingerprint
             )
-        listings[name] = ModelListing(name=name, policy=manifest.version_policy, versions=versions)
+        listings[name] = ModelListing(
+            name=name,
+            policy=manifest.version_policy,
+            versions=versions,
+            manifest_error=manifest_error,
+            manifest_fingerprint=_file_fingerprint(model_dir / MANIFEST_FILENAME),
+        )
     return listings
 
 
@@ -329,7 +350,13 @@ class VersionLoader:
             raise ModelConfigError(
                 f"precision {config.precision} is not supported on {self._device}"
             )
-        return module.to(dtype)
+        cast: torch.nn.Module = module.to(dtype)
+        # An exported program's lifted constants are plain attributes, not buffers.
+        for submodule in cast.modules():
+            for attribute, value in list(vars(submodule).items()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    setattr(submodule, attribute, value.to(dtype))
+        return cast
 
     def __call__(self, entry: VersionDir) -> LoadedVersion:
         """The loaded version; a ModelLoadError (with its `reason`) when it cannot be served."""
@@ -371,6 +398,12 @@ class VersionLoader:
         except ModelLoadError as error:
             raise type(error)(
                 f"model {label}: {error.message}", model=name, version=version
+            ) from error
+        except Exception as error:  # a file removed mid-load, out of memory, a quantizer's bug
+            raise ModelLoadError(
+                f"model {label}: load failed: {type(error).__name__}: {error}",
+                model=name,
+                version=version,
             ) from error
         seconds = time.perf_counter() - started
         return LoadedVersion(
@@ -460,6 +493,16 @@ def reconcile(
     loaded: list[LoadedVersion] = []
     for name, listing in listings.items():
         current = serving.get(name, {})
+        if listing.manifest_error is not None:
+            # A broken model.json changes nothing: what serves keeps serving, as it is.
+            if current:
+                chosen[name] = dict(current)
+            if failed.get((name, 0)) != listing.manifest_fingerprint:
+                failures.append(
+                    LoadFailure(name=name, version=0, fingerprint=listing.manifest_fingerprint,
+                                reason="config", message=listing.manifest_error)
+                )  # fmt: skip
+            continue
         candidates = {
             version: entry
             for version, entry in listing.versions.items()
@@ -660,8 +703,17 @@ class DirectoryModelRepository:
         self._state.failed = {
             key: failure
             for key, failure in self._state.failed.items()
-            if key[0] in listings and key[1] in listings[key[0]].versions
+            if key[0] in listings
+            and (
+                key[1] in listings[key[0]].versions
+                or (key[1] == 0 and listings[key[0]].manifest_error is not None)
+            )
         }
+
+    @property
+    def draining(self) -> int:
+        """Versions retired and still held by some request."""
+        return sum(1 for item in self._state.draining if item.ref() is not None)
 
     def drained(self) -> list[VersionStatus]:
         """Versions whose draining is over (no request holds them): forget and return them."""
@@ -727,5 +779,11 @@ class DirectoryModelRepository:
             for f in self._state.failed.values()
             if not any(s.model == f.name and s.version == f.version for s in statuses)
         ]  # fmt: skip
-        statuses += [item.status for item in self._state.draining if item.ref() is not None]
+        ready = {(s.model, s.version) for s in statuses}
+        # A version loaded again in place drains its old copy: one status per version.
+        statuses += [
+            item.status
+            for item in self._state.draining
+            if item.ref() is not None and (item.status.model, item.status.version) not in ready
+        ]
         return sorted(statuses, key=lambda s: (s.model, s.version, s.state.value))

@@ -351,12 +351,17 @@ class Worker:
             if missing:
                 self._log.error("request_topics_missing", topics=missing)
                 wanted = [topic for topic in wanted if topic not in missing]
-        if wanted and wanted != self._subscribed:
-            # A new subscription rebalances the group: partitions of a model's topic go only
-            # to the workers that serve it; our revocation listener answers what it holds.
+        if wanted == self._subscribed:
+            return
+        # A new subscription rebalances the group: partitions of a model's topic go only to
+        # the workers that serve it; our revocation listener answers what it holds.
+        if wanted:
             consumer.subscribe(topics=wanted, listener=_Revocation(self))
-            self._subscribed = wanted
-            self._log.info("subscription_changed", topics=wanted)
+        else:  # nothing served: leave every topic to workers that have its model
+            await self.on_partitions_revoked(set(consumer.assignment()))  # unsubscribe won't
+            consumer.unsubscribe()
+        self._subscribed = wanted
+        self._log.info("subscription_changed", topics=wanted)
 
     def _deadline_left(self) -> float:
         return math.inf if self._deadline is None else self._deadline - time.monotonic()

@@ -512,3 +512,56 @@ async def test_fifty_cycles_of_adding_and_removing_a_version_give_the_memory_bac
     assert after <= before * 1.10
     assert [s.state for s in repository.statuses()] == [VersionState.READY]
     build_example(MLP)  # the example builder still works after the collector was unfrozen
+
+
+def test_a_broken_model_json_changes_nothing_that_serves(tmp_path: Path, double_v1: Path) -> None:
+    copy_version(double_v1, tmp_path, 1)
+    repository = load(tmp_path)
+    (tmp_path / "double" / "model.json").write_text('{"version_policy": {"latest": 0}}')
+    copy_version(double_v1, tmp_path, 2)
+    assert refresh(repository) == [("double", 0, "config")]
+    assert served(repository) == [("double", 1)]
+    assert refresh(repository) == []  # reported once, not at every scan
+    (tmp_path / "double" / "model.json").write_text('{"version_policy": "all"}')
+    assert refresh(repository) == []
+    assert served(repository) == [("double", 1), ("double", 2)]
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("factor", torch.tensor(3.0))  # 0-d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_a_one_row_model_and_a_0_d_buffer_export_and_compile(tmp_path: Path) -> None:
+    config = DOUBLE_CONFIG.model_copy(update={"max_batch_size": 1})
+    for fmt in (ModelFormat.TORCH_EXPORT, ModelFormat.AOT_INDUCTOR):
+        version_dir = write_version(root=tmp_path, name=f"scale-{fmt.value}", module=Scale(),
+                                    config=config, fmt=fmt, version=1)  # fmt: skip
+        model = open_version(version_dir, warmup=True)
+        torch.testing.assert_close(model.forward([torch.ones(1, 3)], {}, rows=1)[0],
+                                   torch.full((1, 3), 3.0))  # fmt: skip
+
+
+def test_a_version_that_fails_its_check_is_never_renamed_into_place(
+    tmp_path: Path, double_v1: Path
+) -> None:
+    copy_version(double_v1, tmp_path, 1)
+    before = (tmp_path / "double" / "1" / "model.pt2").read_bytes()
+
+    def refuse(staging: Path, version: int) -> None:
+        raise ModelLoadError(f"refused {version}")
+
+    for version in (1, 2):  # replacing one, adding one
+        with pytest.raises(ModelLoadError, match=f"refused {version}"):
+            write_version(root=tmp_path, name="double", module=Double(), config=DOUBLE_CONFIG,
+                          version=version, check=refuse)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "double").iterdir()) == ["1"]
+    assert (tmp_path / "double" / "1" / "model.pt2").read_bytes() == before
+    write_version(root=tmp_path, name="double", module=Double(), config=DOUBLE_CONFIG,
+                  version=1)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "double").iterdir()) == ["1"]  # swapped in place
+    assert served(load(tmp_path)) == [("double", 1)]
