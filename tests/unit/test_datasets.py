@@ -71,3 +71,15 @@ def test_a_checkpoint_torn_by_a_kill_keeps_every_whole_pair(tmp_path: Path) -> N
     read = Checkpoint(tmp_path / "run.progress").read()
     assert sorted(read) == [0, 1, 2, 3]
     assert read[3].outputs[0].to_numpy().tolist() == [[3.0, 3.0]]
+
+
+def test_parquet_rows_and_results_when_pyarrow_is_installed(tmp_path: Path) -> None:
+    pyarrow = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    parquet.write_table(pyarrow.table({"x": [[1.0, 2.0], [3.0, 4.0]]}), tmp_path / "d.parquet")
+    dataset = open_dataset(tmp_path / "d.parquet")
+    np.testing.assert_array_equal(dataset.row(1)["x"], [[3.0, 4.0]])
+    write_results(tmp_path / "out.parquet", [ok(0, 1.0), failed(1)])
+    records = parquet.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert records[1]["error"] == {"code": "SHAPE_MISMATCH", "message": "bad shape"}
