@@ -41,6 +41,9 @@ REMEMBERED_SUBMISSIONS: Final = 100_000
 """Most requests whose result topic and submit time a client keeps for the topic fallback."""
 SCAN_POLL_MS: Final = 200
 """Longest a result-topic read waits for records before the client checks on its waits."""
+TOPIC_WAIT_S: Final = 5.0
+"""How long a request topic missing from the cluster is waited for before
+ModelTopicMissingError."""
 SCAN_RETRY_S: Final = 1.0
 """Pause before a result-topic scan that failed (broker down, topic missing) is tried again."""
 
@@ -332,10 +335,19 @@ class InferenceClient:
         """ModelTopicMissingError for a request topic the cluster does not have (once)."""
         if topic in self._known_topics:
             return
-        cluster = self._producer.client.cluster
-        if topic not in cluster.topics():
-            await self._producer.client.force_metadata_update()
-        if topic not in cluster.topics():
+        known = self._producer.client.cluster.topics()
+        deadline = time.monotonic() + TOPIC_WAIT_S
+        while topic not in known:
+            # The producer's metadata covers only the topics it was asked about: ask for all,
+            # for a little while (a worker may be creating the topic right now).
+            try:
+                known = (await self._producer.client.fetch_all_metadata()).topics()
+            except KafkaError as error:
+                raise BrokerUnavailableError(f"Kafka did not answer: {error!r}") from error
+            if topic in known or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+        if topic not in known:
             raise ModelTopicMissingError(
                 f"request topic {topic} of model {model!r} does not exist: is a worker serving "
                 f"{model!r} (workers create their model's topics), or create it yourself"

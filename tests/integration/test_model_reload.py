@@ -12,7 +12,8 @@ import pytest
 
 from producers.load import publish, random_requests
 from schemas.messages import InferenceRequest, ResultStatus
-from tests.integration.kafka_helpers import bounded, until
+from schemas.topics import TopicNames
+from tests.integration.kafka_helpers import bounded, topic_names, until
 from tests.integration.worker_harness import (
     Deployment,
     assert_outputs_match,
@@ -37,6 +38,13 @@ def install(source: Path, models_dir: Path, name: str, version: int) -> Path:
     final = models_dir / name / str(version)
     staging.rename(final)
     return final
+
+
+async def wait_for_topic(deployment: Deployment, model: str) -> None:
+    """Until the worker has created ``model``'s request topic."""
+    topic = TopicNames(prefix=deployment.prefix).requests(model)
+    while topic not in await topic_names(deployment.bootstrap):  # noqa: ASYNC110 - the broker
+        await asyncio.sleep(0.2)
 
 
 def requests_for(model: str, count: int, prefix: str) -> list[InferenceRequest]:
@@ -131,6 +139,7 @@ async def test_a_model_added_while_serving_is_served_without_a_restart(
         source = write_example(tmp_path / "staged", MLP_V2, name="late", version=1)
         install(source, deployment.models_dir, "late", 1)
         await until(lambda: "late" in running.repository.names(), what="loading", timeout_s=30)
+        await bounded(wait_for_topic(deployment, "late"), what="its topic", timeout_s=30)
         requests = requests_for("late", 100, "new")
         async with deployment.client() as client:
             await bounded(publish(client, requests), what="publishing", timeout_s=60)
@@ -150,6 +159,7 @@ async def test_sighup_to_the_supervisor_reloads_its_children(
         deployment, tmp_path / "worker.log", "--procs", "1", INFERQ_MODEL_POLL_INTERVAL_S="0"
     )
     try:
+        await bounded(wait_for_topic(deployment, "hup"), what="the worker's topics", timeout_s=120)
         async with deployment.client() as client:
             probe = requests_for("hup", 5, "before")
             await bounded(publish(client, probe), what="publishing", timeout_s=60)
