@@ -122,6 +122,7 @@ def encode_success(
     worker: str | None,
     created_ms: int,
     content_type: ContentType = ContentType.MSGPACK,
+    trace: str | None = None,
 ) -> bytes:
     """An `ok` result's bytes straight from output arrays: the worker's per-request hot path.
 
@@ -136,7 +137,7 @@ def encode_success(
         ]
         result = InferenceResult.success(
             request_id, model, version, tensors, timing=timing, worker=worker,
-            created_ms=created_ms,
+            created_ms=created_ms, trace=trace,
         )  # fmt: skip
         return encode_result(result, content_type)
     message: dict[str, Any] = {
@@ -157,6 +158,8 @@ def encode_success(
     if worker is not None:
         message["worker"] = worker
     message["created_ms"] = created_ms
+    if trace is not None:
+        message["trace"] = trace
     return _pack(message, content_type)
 
 

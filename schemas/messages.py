@@ -154,6 +154,8 @@ class InferenceResult(_WireModel):
     """The id of the worker process that answered."""
     created_ms: UnixMillis | None = None
     """Unix ms when the worker made the result (worker clock)."""
+    trace: Annotated[str, Field(max_length=MAX_TRACE_LENGTH)] | None = None
+    """The request's `trace`, copied as it came."""
 
     @model_validator(mode="after")
     def _status_matches_fields(self) -> Self:
@@ -194,6 +196,7 @@ class InferenceResult(_WireModel):
         timing: Timing | None = None,
         worker: str | None = None,
         created_ms: int | None = None,
+        trace: str | None = None,
     ) -> InferenceResult:
         """An `ok` result; `created_ms` defaults to now."""
         return cls(
@@ -205,6 +208,7 @@ class InferenceResult(_WireModel):
             timing=timing,
             worker=worker,
             created_ms=now_ms() if created_ms is None else created_ms,
+            trace=trace,
         )
 
     @classmethod
@@ -219,6 +223,7 @@ class InferenceResult(_WireModel):
         timing: Timing | None = None,
         worker: str | None = None,
         created_ms: int | None = None,
+        trace: str | None = None,
     ) -> InferenceResult:
         """An `error` result (`expired` for DEADLINE_EXCEEDED); `created_ms` defaults to now."""
         status = ResultStatus.EXPIRED if code is ErrorCode.DEADLINE_EXCEEDED else ResultStatus.ERROR
@@ -231,6 +236,7 @@ class InferenceResult(_WireModel):
             timing=timing,
             worker=worker,
             created_ms=now_ms() if created_ms is None else created_ms,
+            trace=trace,
         )
 
     @classmethod
@@ -244,6 +250,7 @@ class InferenceResult(_WireModel):
         timing: Timing | None = None,
         worker: str | None = None,
         created_ms: int | None = None,
+        trace: str | None = None,
     ) -> InferenceResult:
         """An `expired` result (error code DEADLINE_EXCEEDED); `created_ms` defaults to now."""
         return cls.failure(
@@ -255,4 +262,5 @@ class InferenceResult(_WireModel):
             timing=timing,
             worker=worker,
             created_ms=created_ms,
+            trace=trace,
         )

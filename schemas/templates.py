@@ -31,7 +31,9 @@ def _array_header(items: int) -> bytes:
 class OkResultTemplate:
     """Encodes `ok` results of one model version in msgpack, from prebuilt pieces."""
 
-    __slots__ = ("_after_id", "_created_key", "_head", "_infer_key", "_output_heads")
+    __slots__ = (
+        "_after_id", "_created_key", "_head", "_head_traced", "_infer_key", "_output_heads"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class OkResultTemplate:
         """
         entries = 7 if worker is None else 8
         self._head = _map_header(entries) + _packb("id")
+        self._head_traced = _map_header(entries + 1) + _packb("id")
         self._after_id = b"".join(
             [_packb("model"), _packb(model), _packb("version"), _packb(version),
              _packb("status"), _packb("ok"), _packb("outputs"), _array_header(len(outputs))]
@@ -69,19 +72,24 @@ class OkResultTemplate:
         infer_ms: float,
         batch_size: int,
         created_ms: int,
+        trace: str | None = None,
     ) -> bytes:
         """One result: ``outputs`` are the request's C-contiguous little-endian arrays, batch
         dimension first (BF16 as raw uint16 bits), in the template's output order."""
-        parts = [self._head, _packb(request_id), self._after_id]
+        head = self._head if trace is None else self._head_traced
+        parts = [head, _packb(request_id), self._after_id]
         for head, array in zip(self._output_heads, outputs, strict=True):
             parts += (head, _packb(list(array.shape)), _DATA_KEY, _packb(array.data))
         parts += (
             _TIMING_HEAD, _packb(float(queue_ms)), self._infer_key, _packb(float(infer_ms)),
             _BATCH_SIZE_KEY, _packb(batch_size), self._created_key, _packb(created_ms),
         )  # fmt: skip
+        if trace is not None:
+            parts += (_TRACE_KEY, _packb(trace))
         return b"".join(parts)
 
 
 _DATA_KEY = _packb("data")
 _TIMING_HEAD = _packb("timing") + _map_header(3) + _packb("queue_ms")
 _BATCH_SIZE_KEY = _packb("batch_size")
+_TRACE_KEY = _packb("trace")

@@ -60,6 +60,7 @@ RESULT_FIELDS: Final = (
     "timing",
     "worker",
     "created_ms",
+    "trace",
 )
 """A result's keys, in the order the encoder writes them."""
 TENSOR_FIELDS: Final = ("name", "datatype", "shape", "data")
@@ -218,7 +219,7 @@ def result_from_wire(message: object, *, from_json: bool, limits: CodecLimits) -
         if "outputs" in fields:
             fields["outputs"] = _tensors(fields["outputs"], "outputs", from_json, limits)
         if from_json:
-            _check_texts(fields, ("worker",))
+            _check_texts(fields, ("worker", "trace"))
             error = fields.get("error")
             if isinstance(error, dict):
                 _check_texts(error, ("message",))
@@ -277,6 +278,7 @@ def result_to_wire(result: InferenceResult, *, to_json: bool) -> dict[str, Any]:
         ),
         "worker": result.worker,
         "created_ms": result.created_ms,
+        "trace": result.trace,
     }
     return {key: value for key, value in message.items() if value is not None}
 

@@ -134,7 +134,7 @@ class Admission:
             return self.answers.failed(to, error.code, error.message)
         to, refusal = self._addressee(
             source, request.id, request.model, request.reply_to, content_type,
-            request_digest(request), results,
+            request_digest(request), results, trace=request.trace,
         )  # fmt: skip
         if refusal is not None:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
@@ -171,7 +171,7 @@ class Admission:
         model = plain.model
         to, refusal = self._addressee(
             source, plain.request_id, model.name, plain.reply_to, ContentType.MSGPACK,
-            plain.digest, results,
+            plain.digest, results, trace=plain.trace,
         )  # fmt: skip
         if refusal is not None:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
@@ -215,6 +215,8 @@ class Admission:
         content_type: ContentType,
         digest: bytes,
         results: str,
+        *,
+        trace: str | None = None,
     ) -> tuple[Addressee, str | None]:
         """Where the answer goes, and why `reply_to` was refused (None when it was not).
 
@@ -223,8 +225,9 @@ class Admission:
         """
         refusal = None if reply_to is None else self._reply_to_refusal(reply_to)
         if reply_to is None or refusal is not None:
-            return Addressee(source, request_id, model, results, content_type, digest), refusal
-        to = Addressee(source, request_id, model, reply_to, content_type, digest, results)
+            to = Addressee(source, request_id, model, results, content_type, digest, trace=trace)
+            return to, refusal
+        to = Addressee(source, request_id, model, reply_to, content_type, digest, results, trace)
         return to, None
 
     def _reply_to_refusal(self, reply_to: str) -> str | None:

@@ -94,6 +94,7 @@ class Answers:
             value = template.encode(
                 request_id=pending.to.request_id, outputs=outputs, queue_ms=queue_ms,
                 infer_ms=infer_ms, batch_size=batch_size, created_ms=created_ms,
+                trace=pending.to.trace,
             )  # fmt: skip
             return self.ok(pending.to, value)
         value = encode_success(
@@ -110,6 +111,7 @@ class Answers:
             worker=self.worker_id,
             created_ms=created_ms,
             content_type=pending.to.content_type,
+            trace=pending.to.trace,
         )
         return self.ok(pending.to, value)
 
@@ -125,7 +127,7 @@ class Answers:
         """The error answer of a request: its code and message."""
         result = InferenceResult.failure(
             request_id=to.request_id, model=to.model, version=version, code=code,
-            message=message, worker=self.worker_id, timing=timing,
+            message=message, worker=self.worker_id, timing=timing, trace=to.trace,
         )  # fmt: skip
         return self.result(to, result, Outcome.ERROR)
 
@@ -141,7 +143,7 @@ class Answers:
         result = InferenceResult.expired(
             request_id=to.request_id, model=to.model, version=version,
             message=f"deadline_ms {deadline_ms} passed before the model ran",
-            worker=self.worker_id, timing=timing,
+            worker=self.worker_id, timing=timing, trace=to.trace,
         )  # fmt: skip
         return self.result(to, result, Outcome.EXPIRED)
 
@@ -159,7 +161,7 @@ class Answers:
             code=ErrorCode.DUPLICATE_ID,
             message=f"id {to.request_id!r} was already used by a request with other "
             "inputs; nothing ran: send this request with a new id",
-            worker=self.worker_id,
+            worker=self.worker_id, trace=to.trace,
         )  # fmt: skip
         value = encode_result(result, to.content_type)
         return self._answer(to, value, Outcome.ERROR, ErrorCode.DUPLICATE_ID.value, cache=False)

@@ -55,6 +55,7 @@ class PlainRequest:
     created_ms: int | None
     priority: int
     digest: bytes
+    trace: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,7 @@ class FastReader:
             created_ms=message.get("created_ms"),
             priority=message.get("priority") or 0,
             digest=self._digest(name, version, parts),
+            trace=message.get("trace"),
         )
 
     def _digest(

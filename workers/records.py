@@ -51,6 +51,8 @@ class Addressee:
     digest: bytes
     fallback_topic: str | None = None
     """The model's results topic when ``topic`` is the request's `reply_to`."""
+    trace: str | None = None
+    """The request's `trace`, copied into its result."""
 
     @classmethod
     def of(cls, answer: Answer) -> Addressee:

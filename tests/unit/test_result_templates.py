@@ -32,6 +32,7 @@ def arrays(rows: int) -> list[np.ndarray]:
     batch_size=st.integers(min_value=1, max_value=4096),
     created_ms=st.integers(min_value=0, max_value=2**63 - 1),
     request_id=st.from_regex(r"\A[A-Za-z0-9._:-]{1,128}\Z"),
+    trace=st.none() | st.text(max_size=256),
 )
 def test_template_bytes_equal_the_full_encoders(
     worker: str | None,
@@ -41,29 +42,39 @@ def test_template_bytes_equal_the_full_encoders(
     batch_size: int,
     created_ms: int,
     request_id: str,
+    trace: str | None,
 ) -> None:
     template = OkResultTemplate(model="mlp", version=3, outputs=OUTPUTS, worker=worker)
     outputs = arrays(rows)
     timing = Timing(queue_ms=queue_ms, infer_ms=infer_ms, batch_size=batch_size)
     fast = template.encode(
         request_id=request_id, outputs=outputs, queue_ms=queue_ms, infer_ms=infer_ms,
-        batch_size=batch_size, created_ms=created_ms,
+        batch_size=batch_size, created_ms=created_ms, trace=trace,
     )  # fmt: skip
     named = [
         (name, datatype, array) for (name, datatype), array in zip(OUTPUTS, outputs, strict=True)
     ]
     direct = encode_success(
         request_id=request_id, model="mlp", version=3, outputs=named,
-        timing=timing, worker=worker, created_ms=created_ms,
+        timing=timing, worker=worker, created_ms=created_ms, trace=trace,
     )  # fmt: skip
     tensors = [Tensor(name=name, datatype=datatype, data=array) for name, datatype, array in named]
     full = encode_result(
         InferenceResult.success(
-            request_id, "mlp", 3, tensors, timing=timing, worker=worker, created_ms=created_ms
+            request_id,
+            "mlp",
+            3,
+            tensors,
+            timing=timing,
+            worker=worker,
+            created_ms=created_ms,
+            trace=trace,
         )
     )
     assert fast == direct == full
-    assert decode_result(fast).outputs[0].shape == (rows, 10)
+    decoded = decode_result(fast)
+    assert decoded.outputs[0].shape == (rows, 10)
+    assert decoded.trace == trace
 
 
 def test_a_row_view_of_a_larger_output_encodes_only_its_rows() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deploy.local.demo import model_outputs
-from schemas.codec import decode_result, encode_request
+from schemas.codec import ContentType, decode_result, encode_request
 from schemas.errors import ErrorCode
 from schemas.messages import InferenceRequest, ResultStatus
 from schemas.settings import KafkaSettings
@@ -232,3 +232,31 @@ async def test_parameters_reach_the_model_and_only_equal_ones_batch_together(
         assert error is not None
         assert error.code is ErrorCode.VALIDATION_ERROR
     assert "takes parameters ['scale', 'shift']" in str(results["unknown"].error)
+
+
+async def test_a_requests_trace_comes_back_in_its_result_whatever_the_outcome(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ok, slow = requests(2)
+    bad = InferenceRequest(
+        id="bad", model="mlp", inputs=(Tensor.from_numpy("input", np.zeros((1, 3), "f4")),)
+    )
+    traced = [
+        request.model_copy(update={"trace": f"{trace}-{request.id}"}) for request in (ok, bad)
+    ]
+    records = [MemoryRecord(offset=0, value=encode_request(traced[0])),  # the fast path
+               MemoryRecord(offset=1, value=encode_request(traced[1])),  # an error result
+               MemoryRecord(offset=2, value=encode_request(slow, ContentType.JSON),
+                            headers=[("content-type", b"application/json")])]  # fmt: skip
+    consumer = MemoryConsumer({P0: records})
+    worker = new_worker(models_dir, runner)
+    writer = MemoryWriter(answers=worker._answer_builder)
+
+    await serve_burst(worker, consumer, writer)
+
+    results = {a.request_id: a for a in writer.sent}
+    assert decode_result(results[ok.id].value).trace == f"{trace}-{ok.id}"
+    assert decode_result(results["bad"].value).trace == f"{trace}-bad"
+    no_trace = decode_result(results[slow.id].value, ContentType.JSON)
+    assert no_trace.trace is None
