@@ -59,9 +59,12 @@ class Answers:
         code = result.error.code.value if result.error is not None else ""
         return self._answer(to, encode_result(result, to.content_type), outcome, code, cache=True)
 
-    def ok(self, to: Addressee, value: bytes) -> Answer:
+    def ok(self, to: Addressee, value: bytes, *, requested_ms: int | None = None) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""
-        return self._answer(to, value, Outcome.OK, "", cache=True)
+        answer = self._answer(to, value, Outcome.OK, "", cache=True)
+        if requested_ms is not None:
+            answer.requested_ms = requested_ms
+        return answer
 
     def succeeded(
         self,
@@ -96,7 +99,7 @@ class Answers:
                 infer_ms=infer_ms, batch_size=batch_size, created_ms=created_ms,
                 trace=pending.to.trace,
             )  # fmt: skip
-            return self.ok(pending.to, value)
+            return self.ok(pending.to, value, requested_ms=pending.created_ms)
         value = encode_success(
             request_id=pending.to.request_id,
             model=model.name,
@@ -113,7 +116,7 @@ class Answers:
             content_type=pending.to.content_type,
             trace=pending.to.trace,
         )
-        return self.ok(pending.to, value)
+        return self.ok(pending.to, value, requested_ms=pending.created_ms)
 
     def failed(
         self,

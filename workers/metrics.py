@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+END_TO_END_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
+)  # fmt: skip
+"""From a producer's `created_ms` to the result written: queueing in Kafka included."""
 
 
 class Outcome(StrEnum):
@@ -71,6 +75,28 @@ class WorkerMetrics:
             "inferq_write_retries", "Failed writes that were retried.", ["sink"], registry=r
         )
         self.commits = Counter("inferq_offset_commits", "Offset commits sent.", registry=r)
+        self.end_to_end_seconds = Histogram(
+            "inferq_end_to_end_seconds",
+            "From the request's created_ms (producer clock) to its ok result written.",
+            ["model"], buckets=END_TO_END_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.result_write_seconds = Histogram(
+            "inferq_result_write_seconds",
+            "Time one group of answers took to write to a sink, retries included.",
+            ["sink"], buckets=SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rebalances = Counter(
+            "inferq_rebalances", "Partition assignments received from the group.", registry=r
+        )
+        self.pauses = Counter(
+            "inferq_consumer_pauses", "Times intake paused at max_in_flight.", registry=r
+        )
+        self.consumer_lag_records = Gauge(
+            "inferq_consumer_lag_records",
+            "Records of an assigned partition not yet answered: the partition's end offset "
+            "minus its first unanswered (or, before any, committed) offset; sampled.",
+            ["topic", "partition"], registry=r,
+        )  # fmt: skip
         self.undeliverable = Counter(
             "inferq_undeliverable_records",
             "Records Kafka can never take, given up after Redis has the result: "

@@ -158,6 +158,17 @@ class OffsetTracker(Generic[P]):
         self._in_flight -= dropped
         return dropped
 
+    def first_unanswered(self, partition: P) -> int | None:
+        """The lowest tracked offset of `partition` not yet answered; past everything tracked
+        when all is answered; None when nothing of it is tracked."""
+        state = self._partitions.get(partition)
+        if state is None or state.last_tracked is None:
+            return None
+        for offset in state.order:
+            if offset not in state.done:
+                return offset
+        return state.last_tracked + 1
+
     def watermark(self, partition: P) -> int | None:
         """Commit offset of `partition` (its next unfinished offset); None before any progress."""
         state = self._partitions.get(partition)

@@ -135,6 +135,8 @@ class Answer:
     """Digest of the request the result answers, stored beside it under the id."""
     fallback_topic: str | None = None
     """Where the result goes when ``topic`` (a request's `reply_to`) does not exist."""
+    requested_ms: int | None = None
+    """The request's `created_ms`, for an ok result: end-to-end latency is measured from it."""
 
     @property
     def is_dead_letter(self) -> bool:

@@ -225,8 +225,15 @@ class ResultWriter:
         Raises when the producer is broken beyond renewing: the worker then stops without
         committing, and the records are delivered again.
         """
+        started = time.perf_counter()
         answers = await self._write_redis(answers)
-        return await self._write_kafka(answers)
+        written = time.perf_counter()
+        self._metrics.result_write_seconds.labels(sink=Sink.REDIS.value).observe(written - started)
+        sent = await self._write_kafka(answers)
+        self._metrics.result_write_seconds.labels(sink=Sink.KAFKA.value).observe(
+            time.perf_counter() - written
+        )
+        return sent
 
     async def _write_redis(self, answers: Sequence[Answer]) -> list[Answer]:
         cached = [answer for answer in answers if answer.cache_key is not None]

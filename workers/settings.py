@@ -84,6 +84,9 @@ class WorkerSettings(BaseSettings):
         description="Comma-separated prefixes a reply_to topic must start with; "
         "empty: {prefix}.replies.",
     )
+    lag_interval_s: float = Field(
+        default=5.0, gt=0, description="How often each partition's lag is sampled for metrics."
+    )
     readiness_interval_s: float = Field(
         default=2.0, gt=0, description="How often Kafka and Redis are probed for /readyz."
     )

@@ -118,6 +118,8 @@ class Worker:
         self._consumer: RecordConsumer | None = None
         self._writer: AnswerWriter | None = None
         self._subscribed: list[str] = []
+        self._lag_consumer: AIOKafkaConsumer | None = None
+        """The real consumer, whose partitions' end offsets the lag sampler reads."""
         self._resubscribe: Callable[[], Awaitable[None]] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         """Batches handed to the runner and not yet answered."""
@@ -234,6 +236,7 @@ class Worker:
             consumer.subscribe(topics=self._subscribed, listener=_Revocation(self))
             self._resubscribe = partial(self._follow_models, consumer, admin)
             self._log.info("worker_started", topics=self._subscribed, group=s.group_id)
+            self._lag_consumer = consumer
             await self.serve(
                 consumer=consumer,
                 writer=writer,
@@ -291,6 +294,10 @@ class Worker:
                 ]
                 if self._reloader is not None:
                     loops.append(tasks.create_task(self._reloader.run(), name="inferq-reloader"))
+                if self._lag_consumer is not None:
+                    loops.append(
+                        tasks.create_task(self._lag_loop(self._lag_consumer), name="inferq-lag")
+                    )
                 if probes:
                     loops.append(tasks.create_task(
                         probe_forever(self._readiness, dict(probes),
@@ -431,6 +438,7 @@ class Worker:
         if not self._paused and in_flight >= bound:
             consumer.pause(*consumer.assignment())
             self._paused = True
+            self._metrics.pauses.inc()
             self._metrics.paused.set(1)
             self._log.debug("intake_paused", in_flight=in_flight)
         elif self._paused and in_flight <= bound * RESUME_FRACTION:
@@ -613,12 +621,55 @@ class Worker:
             self._metrics.answered_many(
                 Counter((answer.model, answer.outcome, answer.code) for answer in written)
             )
+            self._observe_end_to_end(written)
             complete = self._tracker.complete
             for answer in written:
                 lease = answer.source.lease
                 if lease is not None:
                     complete(lease, answer.source.offset)
             self._progress.set()
+
+    def _observe_end_to_end(self, written: Sequence[Answer]) -> None:
+        now = time.time() * 1000
+        histogram = self._metrics.end_to_end_seconds
+        by_model: dict[str, Any] = {}
+        for answer in written:
+            requested_ms = answer.requested_ms
+            if requested_ms is None:
+                continue
+            child = by_model.get(answer.model)
+            if child is None:
+                child = by_model[answer.model] = histogram.labels(model=answer.model)
+            child.observe(max(now - requested_ms, 0.0) / 1000)
+
+    async def _lag_loop(self, consumer: AIOKafkaConsumer) -> None:
+        """Sample each assigned partition's lag: records not answered yet (see the metric)."""
+        gauge = self._metrics.consumer_lag_records
+        shown: set[Any] = set()
+        while True:
+            await asyncio.sleep(self._settings.lag_interval_s)
+            assigned = set(consumer.assignment())
+            if not assigned:
+                continue
+            try:
+                ends = await consumer.end_offsets(list(assigned))
+            except KafkaError as error:
+                self._log.debug("lag_sample_failed", error=repr(error))
+                continue
+            for partition, end in ends.items():
+                floor = self._tracker.first_unanswered(partition)
+                if floor is None:
+                    with contextlib.suppress(KafkaError):
+                        floor = await consumer.committed(partition)
+                if floor is None:
+                    continue
+                gauge.labels(topic=partition.topic, partition=str(partition.partition)).set(
+                    max(end - floor, 0)
+                )
+            for partition in shown - assigned:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(partition.topic, str(partition.partition))
+            shown = assigned
 
     async def _commit_loop(self) -> None:
         interval_s = self._settings.commit_interval_ms / 1000
@@ -640,6 +691,11 @@ class Worker:
             return
         self._tracker.mark_committed(offsets)
         self._metrics.commits.inc()
+
+    def on_partitions_assigned(self) -> None:
+        """A rebalance gave this worker its partitions: it may be ready now."""
+        self._metrics.rebalances.inc()
+        self._readiness.set(Condition.ASSIGNED, True)
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         """Finish, answer and commit the revoked partitions' requests, then let them go."""
@@ -678,4 +734,4 @@ class _Revocation(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[Any]) -> None:
         names = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
         log.info("partitions_assigned", partitions=names)
-        self._worker.readiness.set(Condition.ASSIGNED, True)
+        self._worker.on_partitions_assigned()
