@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+import numpy as np
+from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -75,11 +77,12 @@ class WorkerMetrics:
             "inferq_write_retries", "Failed writes that were retried.", ["sink"], registry=r
         )
         self.commits = Counter("inferq_offset_commits", "Offset commits sent.", registry=r)
-        self.end_to_end_seconds = Histogram(
+        self.end_to_end_seconds = GroupHistogram(
             "inferq_end_to_end_seconds",
             "From the request's created_ms (producer clock) to its ok result written.",
-            ["model"], buckets=END_TO_END_BUCKETS, registry=r,
+            label="model", buckets=END_TO_END_BUCKETS,
         )  # fmt: skip
+        r.register(self.end_to_end_seconds)
         self.result_write_seconds = Histogram(
             "inferq_result_write_seconds",
             "Time one group of answers took to write to a sink, retries included.",
@@ -161,3 +164,44 @@ class _ModelCollector(Collector):
         yield ready
         yield memory
         yield seconds
+
+
+class GroupHistogram(Collector):
+    """A histogram fed a whole group of observations at once, per value of one label.
+
+    `prometheus_client`'s `Histogram.observe` costs about 5 µs per request on the loop
+    thread here (a tenth of the worker's whole per-request budget); counting a group's
+    values into the buckets with numpy costs a few µs per group.
+    """
+
+    def __init__(self, name: str, documentation: str, *, label: str, buckets: Sequence[float]):
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._counts: dict[str, NDArray[np.int64]] = {}
+        self._sums: dict[str, float] = {}
+
+    def observe_many(self, label_value: str, values: NDArray[np.float64]) -> None:
+        """Count ``values`` (seconds) under ``label_value``."""
+        counts = self._counts.get(label_value)
+        if counts is None:
+            counts = self._counts[label_value] = np.zeros(len(self._bounds) + 1, np.int64)
+            self._sums[label_value] = 0.0
+        # Bucket i holds values <= bound i (Prometheus's `le`); the last one is +Inf.
+        counts += np.bincount(
+            np.searchsorted(self._bounds, values, side="left"), minlength=len(counts)
+        )
+        self._sums[label_value] += float(values.sum())
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for label_value, counts in self._counts.items():
+            cumulative = np.cumsum(counts)
+            buckets = [
+                (repr(float(bound)), float(count))
+                for bound, count in zip(self._bounds, cumulative[:-1], strict=True)
+            ]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric([label_value], buckets, self._sums[label_value])
+        yield family
