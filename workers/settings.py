@@ -48,6 +48,9 @@ class WorkerSettings(BaseSettings):
     topic_replication_factor: int = Field(
         default=1, ge=1, description="Replicas of each topic the worker creates."
     )
+    topic_retention_ms: int | None = Field(
+        default=None, ge=1, description="retention.ms of the topics created; None: the broker's."
+    )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch.set_num_threads for the runner thread."

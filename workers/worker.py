@@ -227,6 +227,7 @@ class Worker:
                     + [self._topics.results(name) for name in self._repository.names()],
                     partitions=s.topic_partitions,
                     replication_factor=s.topic_replication_factor,
+                    retention_ms=s.topic_retention_ms,
                 )
             await admin.start()
             if not s.create_topics:
@@ -352,6 +353,7 @@ class Worker:
                 [*wanted, *(self._topics.results(name) for name in names)],
                 partitions=s.topic_partitions,
                 replication_factor=s.topic_replication_factor,
+                retention_ms=s.topic_retention_ms,
             )
         else:
             existing = set(await admin.list_topics())
