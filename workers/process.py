@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import os
 import signal
 import sys
 
@@ -122,8 +124,16 @@ def run_worker_process(index: int, *, group_instance_prefix: str | None = None) 
     settings = child_settings(WorkerSettings(), index, group_instance_prefix=group_instance_prefix)
     configure_logging(level=settings.log_level, json=settings.log_json)
     structlog.contextvars.bind_contextvars(worker=settings.worker_id)
+    status = 0
     try:
         asyncio.run(serve(settings))
     except Exception:
         log.exception("worker_crashed")
-        sys.exit(1)
+        status = 1
+    # Everything is stopped and committed: skip the interpreter's teardown, where extension
+    # modules that torch loads (triton's nanobind bindings) print leak reports, plain text
+    # in the middle of the JSON log.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
