@@ -33,6 +33,8 @@ class MemoryRecord:
     value: bytes | None
     key: bytes | None = None
     headers: Sequence[tuple[str, bytes]] = ()
+    timestamp: int = -1
+    """Unix ms; negative: unknown."""
 
 
 class MemoryConsumer:

@@ -100,6 +100,18 @@ class WorkerMetrics:
             "minus its first unanswered (or, before any, committed) offset; sampled.",
             ["topic", "partition"], registry=r,
         )  # fmt: skip
+        self.consumer_lag_seconds = Gauge(
+            "inferq_consumer_lag_seconds",
+            "Age of the oldest request of a topic this worker consumed and has not answered "
+            "(from its poll's first record timestamp); 0 when none waits; sampled.",
+            ["topic"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            "inferq_errors", "Requests answered with an error, by code.", ["code"], registry=r
+        )
+        self.dead_letters = Counter(
+            "inferq_dead_letters", "Records sent to the dead-letter topic.", registry=r
+        )
         self.undeliverable = Counter(
             "inferq_undeliverable_records",
             "Records Kafka can never take, given up after Redis has the result: "
@@ -132,6 +144,10 @@ class WorkerMetrics:
         """Count requests leaving the worker, by (model, outcome, code)."""
         for (model, outcome, code), count in counts.items():
             self.requests.labels(model=model, outcome=outcome.value, code=code).inc(count)
+            if code:
+                self.errors.labels(code=code).inc(count)
+            if outcome is Outcome.DEAD_LETTER:
+                self.dead_letters.inc(count)
 
 
 class _ModelCollector(Collector):

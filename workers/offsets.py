@@ -57,7 +57,7 @@ class PartitionOffsets(Generic[P]):
     Created and changed only by `OffsetTracker`; requests hold it as their lease.
     """
 
-    __slots__ = ("committed", "done", "last_tracked", "order", "partition", "revoked",
+    __slots__ = ("committed", "done", "last_tracked", "marks", "order", "partition", "revoked",
                  "tracked", "watermark")  # fmt: skip
 
     def __init__(self, partition: P) -> None:
@@ -71,6 +71,8 @@ class PartitionOffsets(Generic[P]):
         self.committed: int | None = None
         self.revoked = False
         """The partition was revoked: this lease's requests are someone else's now."""
+        self.marks: deque[tuple[int, int]] = deque()
+        """(first offset, its record's Unix ms) of each poll still tracked: for lag in time."""
 
     @property
     def in_flight(self) -> int:
@@ -106,8 +108,13 @@ class OffsetTracker(Generic[P]):
         """
         return self.track_many(partition, (offset,))
 
-    def track_many(self, partition: P, offsets: Iterable[int]) -> PartitionOffsets[P]:
-        """`track` for a poll's increasing offsets of one partition, in one call."""
+    def track_many(
+        self, partition: P, offsets: Iterable[int], *, first_timestamp_ms: int = -1
+    ) -> PartitionOffsets[P]:
+        """`track` for a poll's increasing offsets of one partition, in one call.
+
+        first_timestamp_ms: the first record's Unix ms (negative: unknown), for `oldest_ms`.
+        """
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = PartitionOffsets(partition)
@@ -119,6 +126,8 @@ class OffsetTracker(Generic[P]):
             if last is not None and offset <= last:
                 raise OffsetOrderError(partition=partition, offset=offset, last_tracked=last)
             last = offset
+        if added and first_timestamp_ms >= 0:
+            state.marks.append((added[0], first_timestamp_ms))
         state.order.extend(added)
         state.tracked.update(added)
         state.last_tracked = last
@@ -168,6 +177,20 @@ class OffsetTracker(Generic[P]):
             if offset not in state.done:
                 return offset
         return state.last_tracked + 1
+
+    def oldest_ms(self, partition: P) -> int | None:
+        """Unix ms of the poll holding `partition`'s first unanswered record (its first
+        record's timestamp: an upper bound on the age); None when nothing is unanswered."""
+        state = self._partitions.get(partition)
+        first = self.first_unanswered(partition)
+        if state is None or first is None or state.last_tracked is None:
+            return None
+        if first > state.last_tracked:
+            return None
+        marks = state.marks
+        while len(marks) > 1 and marks[1][0] <= first:
+            marks.popleft()
+        return marks[0][1] if marks else None
 
     def watermark(self, partition: P) -> int | None:
         """Commit offset of `partition` (its next unfinished offset); None before any progress."""

@@ -28,6 +28,11 @@ class ConsumedRecord(Protocol):
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
+    @property
+    def timestamp(self) -> int:
+        """Unix ms of the record (its producer's CreateTime, or the broker's LogAppendTime)."""
+        ...
+
 
 class RecordConsumer(Protocol):
     """The consumer calls the worker makes (a subset of aiokafka's `AIOKafkaConsumer`).

@@ -466,7 +466,11 @@ class Worker:
         admitted: list[PendingRequest] = []
         since_yield = 0
         for partition, records in polled.items():
-            lease = self._tracker.track_many(partition, [record.offset for record in records])
+            lease = self._tracker.track_many(
+                partition,
+                [record.offset for record in records],
+                first_timestamp_ms=records[0].timestamp if records else -1,
+            )
             for record in records:
                 since_yield += 1
                 if since_yield == ADMIT_SLICE:
@@ -648,7 +652,9 @@ class Worker:
     async def _lag_loop(self, consumer: AIOKafkaConsumer) -> None:
         """Sample each assigned partition's lag: records not answered yet (see the metric)."""
         gauge = self._metrics.consumer_lag_records
+        seconds = self._metrics.consumer_lag_seconds
         shown: set[Any] = set()
+        topics_shown: set[str] = set()
         while True:
             await asyncio.sleep(self._settings.lag_interval_s)
             assigned = set(consumer.assignment())
@@ -673,6 +679,18 @@ class Worker:
                 with contextlib.suppress(KeyError):
                     gauge.remove(partition.topic, str(partition.partition))
             shown = assigned
+            now_ms = time.time() * 1000
+            ages: dict[str, float] = {}
+            for partition in assigned:
+                oldest = self._tracker.oldest_ms(partition)
+                age = 0.0 if oldest is None else max(now_ms - oldest, 0.0) / 1000
+                ages[partition.topic] = max(ages.get(partition.topic, 0.0), age)
+            for topic, age in ages.items():
+                seconds.labels(topic=topic).set(age)
+            for topic in topics_shown - set(ages):
+                with contextlib.suppress(KeyError):
+                    seconds.remove(topic)
+            topics_shown = set(ages)
 
     async def _commit_loop(self) -> None:
         interval_s = self._settings.commit_interval_ms / 1000

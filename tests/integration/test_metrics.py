@@ -46,13 +46,16 @@ async def test_the_metrics_count_what_was_sent_and_lag_falls_to_zero(
     async with deployment.client() as client:  # queued before any worker runs: a backlog
         await bounded(publish(client, good + bad), what="publishing", timeout_s=120)
     lags: list[float] = []
+    lag_seconds: list[float] = []
     async with running_worker(
         deployment, lag_interval_s=0.2, max_in_flight=64, served_models="cnn"
     ) as running:
 
         async def sample_lag() -> None:
             while True:
-                lags.append(total(scrape(running), "inferq_consumer_lag_records"))
+                samples = scrape(running)
+                lags.append(total(samples, "inferq_consumer_lag_records"))
+                lag_seconds.append(total(samples, "inferq_consumer_lag_seconds"))
                 await asyncio.sleep(0.1)
 
         sampler = asyncio.create_task(sample_lag())
@@ -73,3 +76,6 @@ async def test_the_metrics_count_what_was_sent_and_lag_falls_to_zero(
     assert total(samples, "inferq_rebalances_total") >= 1
     assert total(samples, "inferq_consumer_pauses_total") >= 1
     assert total(samples, "inferq_model_ready", model="cnn", version="1") == 1
+    assert total(samples, "inferq_errors_total", code="SHAPE_MISMATCH") == 20
+    assert total(samples, "inferq_consumer_lag_seconds") == 0  # nothing waits any more
+    assert max(lag_seconds) > 0

@@ -309,3 +309,20 @@ def test_interleaved_partitions_commit_exactly_the_completed_prefix(
             else:
                 assert tracker.watermark(p) is None
         assert tracker.in_flight == len(outstanding[P0]) + len(outstanding[P1])
+
+
+def test_the_oldest_unanswered_record_is_dated_by_its_polls_first_record() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    lease = tracker.track_many("p", [0, 1, 2], first_timestamp_ms=1_000)
+    tracker.track_many("p", [3, 4], first_timestamp_ms=2_000)
+    assert tracker.oldest_ms("p") == 1_000
+    for offset in (0, 1, 3):  # 3 done out of order: 2 still waits, in the first poll
+        tracker.complete(lease, offset)
+    assert tracker.oldest_ms("p") == 1_000
+    tracker.complete(lease, 2)
+    assert tracker.first_unanswered("p") == 4
+    assert tracker.oldest_ms("p") == 2_000
+    tracker.complete(lease, 4)
+    assert tracker.oldest_ms("p") is None
+    assert tracker.first_unanswered("p") == 5
+    assert tracker.oldest_ms("other") is None
