@@ -28,6 +28,7 @@ from producers.client import InferenceClient, ResultTimeoutError
 from producers.datasets import Dataset, output_suffix, write_results
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_result
+from schemas.errors import SchemaError
 from schemas.messages import InferenceRequest, InferenceResult, now_ms
 from schemas.topics import TopicNames
 
@@ -108,11 +109,17 @@ class Checkpoint:
             return found
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(self.path.read_bytes())
+        good_bytes = 0
         try:
             for row, value in unpacker:
                 found[int(row)] = decode_result(value, ContentType.MSGPACK)
-        except (ValueError, TypeError, msgpack.UnpackException):
+                good_bytes = unpacker.tell()
+        except (ValueError, TypeError, SchemaError, msgpack.UnpackException):
             pass  # a pair torn by a kill: its row is asked for again
+        # Cut what follows the last whole pair, or new pairs would be read as its remains.
+        if good_bytes < self.path.stat().st_size:
+            with self.path.open("r+b") as file:
+                file.truncate(good_bytes)
         return found
 
     def append(self, row: int, result: InferenceResult) -> None:
@@ -187,24 +194,27 @@ async def _publish_the_rest(
         progress.answered += 1
         progress.errors += 0 if result.ok else 1
 
-    async with asyncio.TaskGroup() as tasks:
-        for row in range(plan.dataset.rows):
-            if row in done:
-                continue
-            await slots.acquire()
-            if interval_s:
-                next_send = max(next_send + interval_s, time.monotonic())
-                await asyncio.sleep(max(0.0, next_send - time.monotonic()))
-            request = client.request(plan.model, plan.dataset.row(row), version=plan.version,
-                                     request_id=plan.request_id(row))  # fmt: skip
-            tasks.create_task(answer(row, request.model_copy(update={"created_ms": now_ms()})))
-            progress.published += 1
-            if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                last_report = time.monotonic()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for row in range(plan.dataset.rows):
+                if row in done:
+                    continue
+                await slots.acquire()
+                if interval_s:
+                    next_send = max(next_send + interval_s, time.monotonic())
+                    await asyncio.sleep(max(0.0, next_send - time.monotonic()))
+                request = client.request(plan.model, plan.dataset.row(row), version=plan.version,
+                                         request_id=plan.request_id(row))  # fmt: skip
+                tasks.create_task(answer(row, request.model_copy(update={"created_ms": now_ms()})))
+                progress.published += 1
+                if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    report(progress)
+            while report is not None and progress.done < progress.rows:
                 report(progress)
-        while report is not None and progress.done < progress.rows:
-            report(progress)
-            await asyncio.sleep(PROGRESS_EVERY_S)
+                await asyncio.sleep(PROGRESS_EVERY_S)
+    except BaseExceptionGroup as group:  # one row's failure stops the run: say which
+        raise group.exceptions[0] from None
 
 
 def json_reporter(stream: IO[str] = sys.stdout) -> Reporter:

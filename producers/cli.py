@@ -105,6 +105,15 @@ def _read_inputs(path: Path, input_name: str) -> dict[str, Any]:
 
 
 async def backfill(args: argparse.Namespace, settings: ProducerSettings) -> int:
+    try:
+        return await _backfill(args, settings)
+    except (ResultTimeoutError, InferenceClientError, OSError, ValueError) as error:
+        console.print(f"[red]backfill {args.run} stopped: {error}[/red]")
+        console.print(f"what was answered is kept: run it again with --run {args.run}")
+        return 1
+
+
+async def _backfill(args: argparse.Namespace, settings: ProducerSettings) -> int:
     plan = BackfillPlan(
         model=args.model,
         dataset=open_dataset(args.input, input_name=args.input_name, dtype=args.dtype),

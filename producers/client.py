@@ -21,7 +21,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -30,6 +30,7 @@ from producers.replies import ReplyListener
 from producers.result_topic import ResultTopicScan, Submission
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
+from schemas.errors import SchemaError
 from schemas.messages import InferenceRequest, InferenceResult, now_ms
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
@@ -54,6 +55,10 @@ class InferenceClientError(Exception):
 
 class BrokerUnavailableError(InferenceClientError, ConnectionError):
     """Kafka did not answer (at start, or while publishing)."""
+
+
+class RequestTooLargeError(InferenceClientError, ValueError):
+    """The encoded request is larger than the client or its topic accepts."""
 
 
 class ModelTopicMissingError(InferenceClientError, LookupError):
@@ -291,7 +296,9 @@ class InferenceClient:
             await self.submit_request(request)
             return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
         except TimeoutError:
-            late = await self.cached_results([request.id])  # one last look
+            late: dict[str, InferenceResult] = {}
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                late = await self.cached_results([request.id])  # one last look
             if request.id in late:
                 return late[request.id]
             raise ResultTimeoutError([request.id], timeout_s) from None
@@ -309,6 +316,7 @@ class InferenceClient:
                         partitions=self._settings.reply_topic_partitions,
                         sweep=self.cached_results,
                         sweep_after_s=self._settings.reply_sweep_s,
+                        max_message_bytes=self._settings.max_request_bytes,
                     )
                     try:
                         await listener.start()
@@ -330,6 +338,22 @@ class InferenceClient:
             await deliveries
         except KafkaError as error:
             raise BrokerUnavailableError(f"Kafka did not acknowledge: {error!r}") from error
+
+    async def _send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[object]:
+        try:
+            future: asyncio.Future[object] = await self._producer.send(
+                topic, value, key=key, headers=headers
+            )
+        except MessageSizeTooLargeError as error:
+            raise RequestTooLargeError(
+                f"request of {len(value):,} bytes is larger than INFERQ_MAX_REQUEST_BYTES "
+                f"({self._settings.max_request_bytes:,}) or the topic allows"
+            ) from error
+        except KafkaError as error:
+            raise BrokerUnavailableError(f"Kafka did not take the request: {error!r}") from error
+        return future
 
     async def _check_topic(self, topic: str, model: str) -> None:
         """ModelTopicMissingError for a request topic the cluster does not have (once)."""
@@ -384,7 +408,7 @@ class InferenceClient:
             submitted_monotonic_s=time.monotonic(),
         )
         try:
-            future: asyncio.Future[object] = await self._producer.send(
+            future: asyncio.Future[object] = await self._send(
                 topic,
                 value,
                 key=record_key,
@@ -465,7 +489,11 @@ class InferenceClient:
             for request_id, value in zip(part, values, strict=True):
                 if value is not None and request_id in waiting:
                     raw = value if isinstance(value, bytes) else value.encode()
-                    found[request_id] = decode_result(raw, _sniff(raw))
+                    try:
+                        found[request_id] = decode_result(raw, _sniff(raw))
+                    except SchemaError as error:  # one bad value must not hide the others
+                        log.warning("undecodable cached result of %s: %s", request_id, error)
+                        continue
                     del waiting[request_id]
 
     async def _results_from_topics(

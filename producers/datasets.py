@@ -146,13 +146,20 @@ def _columns(results: Sequence[InferenceResult]) -> dict[str, NDArray[Any]]:
     }
     if template is None:
         return columns
-    for position, tensor in enumerate(template.outputs):
+    for tensor in template.outputs:
         first = tensor.to_numpy()
         filler = np.nan if np.issubdtype(first.dtype, np.floating) else 0
         stacked = np.full((len(results), *first.shape[1:]), filler, dtype=first.dtype)
         for row, result in enumerate(results):
-            if result.outputs:
-                stacked[row] = result.outputs[position].to_numpy()[0]
+            if not result.outputs:
+                continue
+            array = result.output(tensor.name).to_numpy()  # by name: versions may reorder
+            if array.shape[1:] != first.shape[1:] or array.shape[0] != 1:
+                raise ValueError(
+                    f"row {row}: output {tensor.name!r} has shape {list(array.shape)}, "
+                    f"not [1, {', '.join(map(str, first.shape[1:]))}]: write .jsonl instead"
+                )
+            stacked[row] = array[0]
         columns[tensor.name] = stacked
     return columns
 

@@ -17,17 +17,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from schemas.codec import content_type_of, decode_result
-from schemas.errors import SchemaError
+from schemas.errors import ErrorCode, SchemaError
 from schemas.messages import InferenceResult
 from schemas.settings import KafkaSettings
+from schemas.topics import raise_topic_errors
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,22 @@ class ReplyListener:
         partitions: int,
         sweep: Sweep,
         sweep_after_s: float,
+        max_message_bytes: int | None = None,
+        replication_factor: int = 1,
     ) -> None:
+        """max_message_bytes: the `max.message.bytes` of the topic, when it is created here
+        (results larger than the broker's default otherwise arrive as stand-ins)."""
+        self._max_message_bytes = max_message_bytes
+        self._replication_factor = replication_factor
         self._kafka = kafka
         self.topic = topic
         self._partitions = partitions
         self._sweep = sweep
         self._sweep_after_s = sweep_after_s
-        self._waiting: dict[str, tuple[asyncio.Future[InferenceResult], float]] = {}
+        self._waiting: dict[str, _Waiting] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._pending_lookups: set[asyncio.Task[None]] = set()
         self.created_topic = False
 
     @property
@@ -76,12 +85,14 @@ class ReplyListener:
         await admin.start()
         try:
             if self.topic not in set(await admin.list_topics()):
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics([NewTopic(
-                        self.topic, num_partitions=self._partitions, replication_factor=1,
-                        topic_configs={"retention.ms": str(RETENTION_MS)},
-                    )])  # fmt: skip
-                    self.created_topic = True
+                configs = {"retention.ms": str(RETENTION_MS)}
+                if self._max_message_bytes is not None:
+                    configs["max.message.bytes"] = str(self._max_message_bytes)
+                response = await admin.create_topics([NewTopic(
+                    self.topic, num_partitions=self._partitions,
+                    replication_factor=self._replication_factor, topic_configs=configs,
+                )])  # fmt: skip
+                self.created_topic = raise_topic_errors(response)
         finally:
             await admin.close()
         consumer = AIOKafkaConsumer(
@@ -120,24 +131,32 @@ class ReplyListener:
             await asyncio.sleep(0.05)
 
     def expect(self, request_id: str) -> asyncio.Future[InferenceResult]:
-        """The future of ``request_id``'s result; register it before sending the request."""
-        existing = self._waiting.get(request_id)
-        if existing is not None:
-            return existing[0]
-        future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = (future, time.monotonic())
-        return future
+        """The future of ``request_id``'s result; register it before sending the request.
+
+        Callers waiting on the same id share the future; each must `forget` it once.
+        """
+        entry = self._waiting.get(request_id)
+        if entry is None:
+            future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+            entry = self._waiting[request_id] = _Waiting(future, time.monotonic())
+        entry.callers += 1
+        return entry.future
 
     def forget(self, request_id: str) -> None:
-        """Stop waiting for ``request_id`` (its caller gave up)."""
-        entry = self._waiting.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].cancel()
+        """One caller stops waiting for ``request_id``; the last one drops the future."""
+        entry = self._waiting.get(request_id)
+        if entry is None:
+            return
+        entry.callers -= 1
+        if entry.callers <= 0:
+            del self._waiting[request_id]
+            if not entry.future.done():
+                entry.future.cancel()
 
     def _resolve(self, result: InferenceResult) -> None:
-        entry = self._waiting.pop(result.id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(result)
+        entry = self._waiting.get(result.id)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(result)
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -156,14 +175,26 @@ class ReplyListener:
                         result = decode_result(record.value, content_type)
                     except SchemaError:
                         continue  # not ours to understand; its caller finds it in Redis
+                    if result.error is not None and result.error.code is ErrorCode.INTERNAL:
+                        # Maybe the stand-in of a result too large for this topic: the
+                        # result itself is in Redis, which has the final word.
+                        self._pending_lookups.add(asyncio.create_task(self._prefer_redis(result)))
+                        continue
                     self._resolve(result)
+
+    async def _prefer_redis(self, result: InferenceResult) -> None:
+        try:
+            found = await self._sweep([result.id])
+        except Exception:
+            found = {}
+        self._resolve(found.get(result.id, result))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_after_s)
             now = time.monotonic()
-            overdue = [i for i, (_, since) in self._waiting.items()
-                       if now - since >= self._sweep_after_s]  # fmt: skip
+            overdue = [i for i, entry in self._waiting.items()
+                       if now - entry.since >= self._sweep_after_s]  # fmt: skip
             if not overdue:
                 continue
             try:
@@ -176,13 +207,20 @@ class ReplyListener:
 
     async def close(self) -> None:
         """Stop reading; calls still waiting are cancelled."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._pending_lookups]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._pending_lookups]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for future, _ in self._waiting.values():
-            future.cancel()
+        for entry in self._waiting.values():
+            entry.future.cancel()
         self._waiting.clear()
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+@dataclass(slots=True)
+class _Waiting:
+    future: asyncio.Future[InferenceResult]
+    since: float
+    callers: int = 0

@@ -138,6 +138,8 @@ class ResultStream:
             polled = await consumer.getmany(timeout_ms=500, max_records=1000)
             for partition, records in polled.items():
                 for record in records:
+                    if partition not in consumer.assignment():
+                        break  # revoked while the caller held the batch: its owner reads it
                     acks = self._acks.get(partition)
                     if acks is None:
                         acks = self._acks[partition] = _Acks()
@@ -171,10 +173,11 @@ class ResultStream:
 
     async def commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
         """Commit the acknowledged offsets (of ``partitions``, or all) now."""
+        assigned = self._consumer.assignment()
         offsets = {
             partition: OffsetAndMetadata(floor, "")
             for partition, floor in self.committable().items()
-            if partitions is None or partition in partitions
+            if (partitions is None or partition in partitions) and partition in assigned
         }
         if offsets:
             await self._consumer.commit(offsets)

@@ -20,7 +20,7 @@ from producers.settings import ProducerSettings
 from schemas.messages import InferenceResult
 
 T = TypeVar("T")
-CALL_MARGIN_S = 5.0
+CALL_MARGIN_S = 15.0
 """Extra time a thread waits beyond a call's own timeout before it gives up on the loop."""
 
 
@@ -55,7 +55,11 @@ class SyncInferenceClient:
             coroutine.close()
             raise RuntimeError("the client is closed")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(None if timeout_s is None else timeout_s + CALL_MARGIN_S)
+        try:
+            return future.result(None if timeout_s is None else timeout_s + CALL_MARGIN_S)
+        except BaseException:
+            future.cancel()  # a caller that gave up leaves nothing running on the loop
+            raise
 
     def submit(self, model: str, inputs: Inputs, **options: Any) -> str:
         """`InferenceClient.submit`: publish one request, return its id once Kafka acked it."""

@@ -118,3 +118,22 @@ class TopicNames:
         if not model or not is_topic_name(model) or len(topic) > MAX_TOPIC_LENGTH:
             raise ValueError(f"model: {model!r} cannot be part of a Kafka topic name ({topic!r})")
         return topic
+
+
+def raise_topic_errors(response: object) -> bool:
+    """Raise the first per-topic error of a Kafka CreateTopics answer (aiokafka returns them
+    and never raises); a topic that exists already is no error. True if all were created."""
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    created = True
+    for entry in getattr(response, "topic_errors", ()):
+        code = entry[1]
+        if code == 0:
+            continue
+        error = for_code(code)
+        if error is TopicAlreadyExistsError:
+            created = False
+            continue
+        message = entry[2] if len(entry) > 2 else ""
+        raise error(f"creating topic {entry[0]}: {message}")
+    return created

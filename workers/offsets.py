@@ -153,6 +153,12 @@ class OffsetTracker(Generic[P]):
             lease.tracked.discard(finished)
             lease.done.discard(finished)
             lease.watermark = finished + 1
+        marks = lease.marks
+        if not order:
+            marks.clear()
+        else:
+            while len(marks) > 1 and marks[1][0] <= order[0]:
+                marks.popleft()
         return True
 
     def revoke(self, partitions: Iterable[P]) -> int:

@@ -11,7 +11,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas.settings import KafkaSettings
-from schemas.topics import TopicNames
+from schemas.topics import TopicNames, raise_topic_errors
 
 log = structlog.get_logger(__name__)
 
@@ -112,9 +112,12 @@ async def create_missing(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec])
             continue
         configs = {} if spec.retention_ms is None else {"retention.ms": str(spec.retention_ms)}
         try:
-            await admin.create_topics([NewTopic(name=spec.name, num_partitions=spec.partitions,
-                                                replication_factor=spec.replication_factor,
-                                                topic_configs=configs)])  # fmt: skip
+            response = await admin.create_topics([NewTopic(
+                name=spec.name, num_partitions=spec.partitions,
+                replication_factor=spec.replication_factor, topic_configs=configs,
+            )])  # fmt: skip
+            if not raise_topic_errors(response):
+                continue
         except TopicAlreadyExistsError:
             continue
         created.append(spec.name)

@@ -658,13 +658,12 @@ class Worker:
         while True:
             await asyncio.sleep(self._settings.lag_interval_s)
             assigned = set(consumer.assignment())
-            if not assigned:
-                continue
-            try:
-                ends = await consumer.end_offsets(list(assigned))
-            except KafkaError as error:
-                self._log.debug("lag_sample_failed", error=repr(error))
-                continue
+            ends: dict[Any, int] = {}
+            if assigned:
+                try:
+                    ends = await consumer.end_offsets(list(assigned))
+                except KafkaError as error:
+                    self._log.debug("lag_sample_failed", error=repr(error))
             for partition, end in ends.items():
                 floor = self._tracker.first_unanswered(partition)
                 if floor is None:

@@ -83,3 +83,18 @@ def test_parquet_rows_and_results_when_pyarrow_is_installed(tmp_path: Path) -> N
     records = parquet.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["status"] for r in records] == ["ok", "error"]
     assert records[1]["error"] == {"code": "SHAPE_MISMATCH", "message": "bad shape"}
+
+
+def test_a_checkpoint_resumed_after_a_torn_pair_stays_readable(tmp_path: Path) -> None:
+    path = tmp_path / "run.progress"
+    checkpoint = Checkpoint(path)
+    for row in range(3):
+        checkpoint.append(row, ok(row, float(row)))
+    checkpoint.close()
+    path.write_bytes(path.read_bytes()[:-20])  # killed mid-write
+    resumed = Checkpoint(path)
+    assert sorted(resumed.read()) == [0, 1]
+    for row in (2, 3, 4):
+        resumed.append(row, ok(row, float(row)))
+    resumed.close()
+    assert sorted(Checkpoint(path).read()) == [0, 1, 2, 3, 4]

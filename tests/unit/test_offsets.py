@@ -326,3 +326,12 @@ def test_the_oldest_unanswered_record_is_dated_by_its_polls_first_record() -> No
     assert tracker.oldest_ms("p") is None
     assert tracker.first_unanswered("p") == 5
     assert tracker.oldest_ms("other") is None
+
+
+def test_poll_marks_do_not_pile_up_on_a_partition_that_keeps_up() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for poll in range(1000):
+        lease = tracker.track_many("p", [2 * poll, 2 * poll + 1], first_timestamp_ms=poll)
+        tracker.complete(lease, 2 * poll)
+        tracker.complete(lease, 2 * poll + 1)
+    assert len(tracker.lease("p").marks) == 0
