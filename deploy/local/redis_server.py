@@ -21,26 +21,31 @@ from deploy.local.processes import (
 
 def ensure_redis_server() -> str:
     """The path of redis-server, installing Debian's package when missing and root."""
-    found = shutil.which("redis-server")
+    return ensure_debian_binary("redis-server", "redis-server")
+
+
+def ensure_debian_binary(binary: str, package: str) -> str:
+    """The path of ``binary``, installing Debian's ``package`` when missing and root."""
+    found = shutil.which(binary)
     if found:
         return found
     if os.geteuid() != 0:
         raise StackError(
-            "redis-server is not installed and we are not root: "
-            "run `sudo apt-get install -y redis-server` and try again."
+            f"{binary} is not installed and we are not root: "
+            f"run `sudo apt-get install -y {package}` and try again."
         )
-    log("installing redis-server from Debian's packages")
+    log(f"installing {package} from Debian's packages")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "redis-server"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
     ):
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if result.returncode != 0:
             raise StackError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    found = shutil.which("redis-server")
+    found = shutil.which(binary)
     if not found:
-        raise StackError("apt-get installed redis-server but it is not on PATH")
+        raise StackError(f"apt-get installed {package} but {binary} is not on PATH")
     return found
 
 

@@ -36,7 +36,7 @@ from deploy.local.processes import (
     tail,
     terminate,
 )
-from deploy.local.redis_server import RedisServer, ensure_redis_server
+from deploy.local.redis_server import RedisServer, ensure_debian_binary, ensure_redis_server
 
 __all__ = [
     "KAFKA_VERSION",
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "install":
             ensure_kafka_jars(config.cache_dir)
             ensure_redis_server()
+            ensure_debian_binary("prometheus", "prometheus")  # the dashboard's test
         elif args.command == "up":
             started = time.monotonic()
             stack.up()
