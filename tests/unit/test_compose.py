@@ -350,3 +350,32 @@ def test_the_deployment_selects_its_pods(
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+
+
+def test_prometheus_scrapes_the_worker_service_with_the_shipped_config_and_rules(
+    services: dict[str, Any],
+) -> None:
+    prometheus = services["prometheus"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "inferq-workers"]
+    port = int(services["worker"]["environment"]["INFERQ_HTTP_PORT"])
+    assert job["static_configs"][0]["targets"] == [f"worker:{port}"]
+    for rules in config["rule_files"]:
+        assert (ROOT / "deploy" / "prometheus" / rules).is_file()
+
+
+def test_grafana_provisions_the_dashboard_from_prometheus(services: dict[str, Any]) -> None:
+    mounts = dict(volume.rsplit(":", 2)[:2] for volume in services["grafana"]["volumes"])
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    assert (ROOT / "deploy" / "grafana" / "inferq.json").is_file()
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "inferq.yml").read_text())[
+        "providers"
+    ]
+    assert mounts["./deploy/grafana"] == provider["options"]["path"]
