@@ -18,8 +18,6 @@ from pydantic import BaseModel
 
 from deploy.local.broker_limits import BrokerLimits
 from schemas.settings import KafkaSettings, RedisSettings
-from schemas.topics import TopicNames
-from workers.example_models import EXAMPLE_MODELS
 from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,17 +179,20 @@ def test_worker_waits_for_healthy_dependencies_and_the_models(services: dict[str
     assert depends_on["models"]["condition"] == "service_completed_successfully"
 
 
-def test_topics_service_creates_the_example_models_topics(services: dict[str, Any]) -> None:
-    topics = TopicNames()
-    script = " ".join(services["topics"]["command"])
-    wanted = [topics.dead_letters]
-    for name in sorted({example.name for example in EXAMPLE_MODELS}):
-        wanted += [topics.requests(name), topics.results(name)]
-    for topic in wanted:
-        assert f" {topic} " in f" {script.replace(';', ' ')} ", f"{topic} is not created"
-    assert "$" not in script.replace("$$", ""), "escape $ as $$ in compose commands"
-    assert f"kafka:{DEFAULT_KAFKA_PORT}" in script
-    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+def test_topics_service_creates_the_topics_of_the_models_in_the_volume(
+    services: dict[str, Any], worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = services["topics"]
+    assert topics["entrypoint"] == ["python", "-m", "workers.topics_cli"]
+    assert topics["command"] == ["create"]
+    env = {name: str(value) for name, value in topics["environment"].items()}
+    assert set(env) <= WORKER_ENV_NAMES
+    settings = settings_from(env, monkeypatch)
+    assert settings.kafka.bootstrap_servers == f"kafka:{DEFAULT_KAFKA_PORT}"
+    assert str(settings.models_dir) == worker_env["INFERQ_MODELS_DIR"]
+    assert any(v.startswith("models:") for v in topics["volumes"])
+    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert topics["depends_on"]["models"]["condition"] == "service_completed_successfully"
 
 
 def test_worker_and_models_share_the_models_volume(
