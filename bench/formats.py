@@ -32,7 +32,7 @@ from rich.table import Table
 
 from workers.example_models import EXAMPLE_MODELS, build_example, write_example
 from workers.formats import ModelFormat
-from workers.repository import VersionDir, VersionLoader, fingerprint_of
+from workers.repository import VersionDir, VersionLoader
 
 RESULTS = Path(__file__).parent / "results"
 CNN = next(example for example in EXAMPLE_MODELS if example.name == "cnn")
@@ -85,8 +85,7 @@ def main() -> int:
             started = time.perf_counter()
             version_dir = write_example(Path(scratch), CNN, fmt, name=f"cnn-{fmt.value}")
             write_s = time.perf_counter() - started
-            entry = VersionDir(name=version_dir.parent.name, version=1, path=version_dir,
-                               fingerprint=fingerprint_of(version_dir))  # fmt: skip
+            entry = VersionDir.at(version_dir)
             cold = load_seconds(entry, warmup=False)
             warm = load_seconds(entry, warmup=True)
             module = VersionLoader(device=torch.device("cpu"))(entry).model.module

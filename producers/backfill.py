@@ -24,7 +24,7 @@ from typing import IO, Final
 
 import msgpack
 
-from producers.client import InferenceClient, ResultTimeoutError
+from producers.client import InferenceClient
 from producers.datasets import Dataset, output_suffix, write_results
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_result
@@ -230,14 +230,3 @@ def json_reporter(stream: IO[str] = sys.stdout) -> Reporter:
 def default_output(input_path: Path) -> Path:
     """`data.npy` → `data.results.npz`; `events.jsonl` → `events.results.jsonl`."""
     return input_path.with_name(f"{input_path.stem}.results{output_suffix(input_path)}")
-
-
-__all__ = [
-    "BackfillPlan",
-    "Checkpoint",
-    "Progress",
-    "ResultTimeoutError",
-    "default_output",
-    "json_reporter",
-    "run_backfill",
-]

@@ -16,7 +16,7 @@ nested list) and `error` (`code`, `message`) or null. Parquet has the same colum
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,9 +170,3 @@ def _pyarrow_parquet() -> Any:
     except ImportError:
         raise ValueError("Parquet needs pyarrow: pip install 'inferq[parquet]'") from None
     return parquet
-
-
-def iter_rows(dataset: Dataset, rows: Sequence[int]) -> Iterator[tuple[int, Row]]:
-    """(index, inputs) of the given rows, in the order given."""
-    for index in rows:
-        yield index, dataset.row(index)

@@ -61,10 +61,7 @@ class Answers:
 
     def ok(self, to: Addressee, value: bytes, *, requested_ms: int | None = None) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""
-        answer = self._answer(to, value, Outcome.OK, "", cache=True)
-        if requested_ms is not None:
-            answer.requested_ms = requested_ms
-        return answer
+        return self._answer(to, value, Outcome.OK, "", cache=True, requested_ms=requested_ms)
 
     def succeeded(
         self,
@@ -239,7 +236,14 @@ class Answers:
         return dataclasses.replace(answer, key=None, headers=(*headers, dropped))
 
     def _answer(
-        self, to: Addressee, value: bytes, outcome: Outcome, code: str, *, cache: bool
+        self,
+        to: Addressee,
+        value: bytes,
+        outcome: Outcome,
+        code: str,
+        *,
+        cache: bool,
+        requested_ms: int | None = None,
     ) -> Answer:
         return Answer(
             source=to.source,
@@ -255,4 +259,5 @@ class Answers:
             cache_key=self.topics.result_key(to.request_id) if cache else None,
             digest=to.digest,
             fallback_topic=to.fallback_topic,
+            requested_ms=requested_ms,
         )

@@ -34,7 +34,6 @@ from workers.repository import (
     VersionDir,
     VersionLoader,
     VersionPolicy,
-    fingerprint_of,
     scan_repository,
 )
 
@@ -184,7 +183,9 @@ def _add(args: argparse.Namespace) -> int:
         factory=factory,
         manifest=manifest,
         check=lambda staging, version: checked.append(
-            VersionLoader(device=torch.device("cpu"))(_entry(staging, args.name, version))
+            VersionLoader(device=torch.device("cpu"))(
+                VersionDir.at(staging, name=args.name, version=version)
+            )
         ),
     )
     console.print(
@@ -192,15 +193,6 @@ def _add(args: argparse.Namespace) -> int:
         f"{checked[0].load_seconds:.2f} s)"
     )
     return 0
-
-
-def _entry(version_dir: Path, name: str | None = None, version: int | None = None) -> VersionDir:
-    return VersionDir(
-        name=name or version_dir.parent.name,
-        version=version or int(version_dir.name),
-        path=version_dir,
-        fingerprint=fingerprint_of(version_dir),
-    )
 
 
 def _megabytes(value: int | None) -> str:

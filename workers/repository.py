@@ -128,7 +128,6 @@ class ModelRepository(Protocol):
 class VersionState(StrEnum):
     """Where a version stands in a worker: what `inferq-model list --worker` shows."""
 
-    LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"
@@ -143,6 +142,16 @@ class VersionDir:
     path: Path
     fingerprint: str
     """Changes whenever `SHA256SUMS` or any file's size or modification time does."""
+
+    @classmethod
+    def at(cls, path: Path, *, name: str | None = None, version: int | None = None) -> VersionDir:
+        """The version directory ``path`` on its own: its model is the directory above and
+        its version its name, unless given (a writer's staging directory has neither)."""
+        number = version if version is not None else parse_version(path)
+        if number is None:
+            raise ModelLoadError(f"{path} is not a version directory (a positive number)")
+        return cls(name=name or path.parent.name, version=number, path=path,
+                   fingerprint=fingerprint_of(path))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -422,14 +431,8 @@ def open_version(
     The model is named after the directory above ``version_dir``; ModelLoadError when the
     version cannot be served.
     """
-    version = parse_version(version_dir)
-    if version is None:
-        raise ModelLoadError(f"{version_dir} is not a version directory (a positive number)")
-    entry = VersionDir(
-        name=version_dir.parent.name, version=version, path=version_dir, fingerprint=""
-    )
     loader = VersionLoader(device=device or torch.device("cpu"), warmup=warmup)
-    return loader(entry).model
+    return loader(VersionDir.at(version_dir)).model
 
 
 def quantized(module: Forward, config: ModelConfig, fmt: ModelFormat) -> Forward:
@@ -462,8 +465,6 @@ class Update:
 
     serving: Mapping[str, Mapping[int, LoadedVersion]]
     failures: Sequence[LoadFailure] = ()
-    loaded: Sequence[LoadedVersion] = ()
-    """Versions loaded by this reconcile (the rest were serving already)."""
 
 
 class Loader(Protocol):
@@ -490,7 +491,6 @@ def reconcile(
     """
     chosen: dict[str, dict[int, LoadedVersion]] = {}
     failures: list[LoadFailure] = []
-    loaded: list[LoadedVersion] = []
     for name, listing in listings.items():
         current = serving.get(name, {})
         if listing.manifest_error is not None:
@@ -535,11 +535,10 @@ def reconcile(
                         continue
                     del candidates[version]
                     break  # the policy may now pick an older version
-                loaded.append(picked[version])
         picked = {version: picked[version] for version in listing.policy.select(candidates)}
         if picked:
             chosen[name] = picked
-    return Update(serving=chosen, failures=failures, loaded=loaded)
+    return Update(serving=chosen, failures=failures)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

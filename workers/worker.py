@@ -54,7 +54,7 @@ from workers.repository import Change, ModelRepository
 from workers.results import ResultWriter
 from workers.runner import ModelRunner, RequestSucceeded
 from workers.settings import WorkerSettings
-from workers.topics import ensure_topics
+from workers.topics import TopicSpec, create_missing, deployment_topics
 
 log = structlog.get_logger(__name__)
 
@@ -220,17 +220,10 @@ class Worker:
         )
         self._consumer = consumer
         try:
-            if s.create_topics:
-                await ensure_topics(
-                    s.kafka,
-                    [*self.request_topics(), self._topics.dead_letters]
-                    + [self._topics.results(name) for name in self._repository.names()],
-                    partitions=s.topic_partitions,
-                    replication_factor=s.topic_replication_factor,
-                    retention_ms=s.topic_retention_ms,
-                )
             await admin.start()
-            if not s.create_topics:
+            if s.create_topics:
+                await create_missing(admin, self._topic_specs(self._repository.names()))
+            else:
                 await self._require_request_topics(admin)
             await writer.start()
             await consumer.start()
@@ -334,27 +327,35 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await intake
 
+    def _forget_stale_models(self) -> None:
+        """Drop what admission caches per model version once the repository has changed."""
+        if self._repository.generation != self._generation:
+            self._generation = self._repository.generation
+            self._admission.forget_models()
+
     async def models_changed(self, change: Change) -> None:
         """Follow the repository: drop what is cached per version (so a retired one can go
         even while no record arrives), consume the request topics of exactly the served
         models."""
-        self._generation = self._repository.generation
-        self._admission.forget_models()
+        self._forget_stale_models()
         if change.names_changed and self._resubscribe is not None and not self._closing:
             await self._resubscribe()
+
+    def _topic_specs(self, models: Sequence[str]) -> list[TopicSpec]:
+        """The request and result topics of ``models`` and the dead-letter topic, as the
+        settings want them created."""
+        s = self._settings
+        return deployment_topics(
+            self._topics, models, partitions=s.topic_partitions,
+            replication_factor=s.topic_replication_factor, retention_ms=s.topic_retention_ms,
+        )  # fmt: skip
 
     async def _follow_models(self, consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient) -> None:
         s = self._settings
         names = self._repository.names()
         wanted = [self._topics.requests(name) for name in names]
         if s.create_topics:
-            await ensure_topics(
-                s.kafka,
-                [*wanted, *(self._topics.results(name) for name in names)],
-                partitions=s.topic_partitions,
-                replication_factor=s.topic_replication_factor,
-                retention_ms=s.topic_retention_ms,
-            )
+            await create_missing(admin, self._topic_specs(names))
         else:
             existing = set(await admin.list_topics())
             missing = [topic for topic in wanted if topic not in existing]
@@ -458,9 +459,7 @@ class Worker:
         """Admit one whole poll: track its offsets per partition, then each record."""
         received_at = time.monotonic()
         received_ms = int(time.time() * 1000)
-        if self._repository.generation != self._generation:
-            self._generation = self._repository.generation
-            self._admission.forget_models()
+        self._forget_stale_models()
         admit = self._admission.admit
         answers: list[Answer] = []
         admitted: list[PendingRequest] = []

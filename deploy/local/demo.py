@@ -42,16 +42,19 @@ DEMO_HTTP_PORT = 9400
 
 def model_outputs(version_dir: Path, requests: Sequence[InferenceRequest]) -> np.ndarray:
     """The model version run directly on every request's (first) input, in order."""
+    return forward_rows(version_dir, np.concatenate([r.inputs[0].to_numpy() for r in requests]))
+
+
+def forward_rows(version_dir: Path, rows: np.ndarray) -> np.ndarray:
+    """The model version's (first) output for ``rows``, run directly in batches it takes."""
     model = open_version(version_dir)
-    inputs = torch.cat([torch.from_numpy(r.inputs[0].to_numpy().copy()) for r in requests])
     step = model.config.max_batch_size  # an exported program takes no more rows at once
+    parts = []
     with torch.inference_mode():
-        parts = [
-            model.module(inputs[start : start + step]) for start in range(0, len(inputs), step)
-        ]
-    outputs: np.ndarray = torch.cat(
-        [part for part in parts if isinstance(part, torch.Tensor)]
-    ).numpy()
+        for start in range(0, len(rows), step):
+            batch = torch.from_numpy(np.ascontiguousarray(rows[start : start + step]))
+            parts.append(model.forward([batch], {}, rows=len(batch))[0])
+    outputs: np.ndarray = torch.cat(parts).numpy()
     return outputs
 
 

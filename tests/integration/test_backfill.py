@@ -9,26 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from deploy.local.demo import forward_rows
 from tests.integration.kafka_helpers import bounded
 from tests.integration.worker_harness import Deployment, running_worker, wait_until_ready
-from workers.repository import open_version
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 ROWS = 50_000
-
-
-def direct_outputs(version_dir: Path, inputs: np.ndarray) -> np.ndarray:
-    model = open_version(version_dir)
-    step = model.config.max_batch_size
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), step):
-            rows = torch.from_numpy(inputs[start : start + step])
-            parts.append(model.forward([rows], {}, rows=len(rows))[0])
-    return torch.cat(parts).numpy()
 
 
 async def start_backfill(deployment: Deployment, *args: str) -> asyncio.subprocess.Process:
@@ -80,6 +68,6 @@ async def test_a_backfill_killed_half_way_resumes_and_writes_every_row_once_in_o
     written = np.load(output)
     assert list(written["status"]) == ["ok"] * ROWS
     assert set(written["version"]) == {1}
-    expected = direct_outputs(deployment.models_dir / "mlp" / "1", inputs)
+    expected = forward_rows(deployment.models_dir / "mlp" / "1", inputs)
     np.testing.assert_allclose(written["logits"], expected, rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "rows.results.npz.bf-1.progress").exists()
