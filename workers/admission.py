@@ -140,11 +140,14 @@ class Admission:
             return self.answers.failed(to, ErrorCode.VALIDATION_ERROR, refusal)
         try:
             model = self.repository.get(request.model, request.version)
+        except WorkerError as error:
+            return self.answers.failed(to, error.code, error.message)
+        try:
             signatures = [InputSignature(t.name, t.datatype.value, t.shape) for t in request.inputs]
             rows = model.check_inputs(signatures)
             parameters = model.resolve_parameters(request.parameters)
-        except WorkerError as error:
-            return self.answers.failed(to, error.code, error.message, version=request.version)
+        except WorkerError as error:  # the version that refused the inputs is in the result
+            return self.answers.failed(to, error.code, error.message, version=model.version)
         if request.deadline_ms is not None and request.deadline_ms <= received_ms:
             return self.answers.expired(to, deadline_ms=request.deadline_ms, version=model.version)
         return PendingRequest(

@@ -57,11 +57,16 @@ class Answers:
     def result(self, to: Addressee, result: InferenceResult, outcome: Outcome) -> Answer:
         """The answer carrying ``result``, cached in Redis under the request id."""
         code = result.error.code.value if result.error is not None else ""
-        return self._answer(to, encode_result(result, to.content_type), outcome, code, cache=True)
+        value = encode_result(result, to.content_type)
+        return self._answer(to, value, outcome, code, cache=True, version=result.version)
 
-    def ok(self, to: Addressee, value: bytes, *, requested_ms: int | None = None) -> Answer:
+    def ok(
+        self, to: Addressee, value: bytes, *, version: int, requested_ms: int | None = None
+    ) -> Answer:
         """The ok answer of a request that ran: ``value`` is its encoded result."""
-        return self._answer(to, value, Outcome.OK, "", cache=True, requested_ms=requested_ms)
+        return self._answer(
+            to, value, Outcome.OK, "", cache=True, version=version, requested_ms=requested_ms
+        )
 
     def succeeded(
         self,
@@ -96,7 +101,9 @@ class Answers:
                 infer_ms=infer_ms, batch_size=batch_size, created_ms=created_ms,
                 trace=pending.to.trace,
             )  # fmt: skip
-            return self.ok(pending.to, value, requested_ms=pending.created_ms)
+            return self.ok(
+                pending.to, value, version=model.version, requested_ms=pending.created_ms
+            )
         value = encode_success(
             request_id=pending.to.request_id,
             model=model.name,
@@ -113,7 +120,7 @@ class Answers:
             content_type=pending.to.content_type,
             trace=pending.to.trace,
         )
-        return self.ok(pending.to, value, requested_ms=pending.created_ms)
+        return self.ok(pending.to, value, version=model.version, requested_ms=pending.created_ms)
 
     def failed(
         self,
@@ -243,6 +250,7 @@ class Answers:
         code: str,
         *,
         cache: bool,
+        version: int | None = None,
         requested_ms: int | None = None,
     ) -> Answer:
         return Answer(
@@ -254,6 +262,7 @@ class Answers:
             model=to.model,
             outcome=outcome,
             code=code,
+            version="" if version is None else str(version),
             request_id=to.request_id,
             content_type=to.content_type,
             cache_key=self.topics.result_key(to.request_id) if cache else None,

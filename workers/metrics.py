@@ -51,20 +51,23 @@ class WorkerMetrics:
         r = self.registry
         self.requests = Counter(
             "inferq_requests",
-            "Requests answered, by model, outcome and error code.",
-            ["model", "outcome", "code"],
+            "Requests answered, by model, version, outcome and error code.",
+            ["model", "version", "outcome", "code"],
             registry=r,
         )
         self.batch_size = Histogram(
-            "inferq_batch_size", "Requests per executed batch.", ["model"],
+            "inferq_batch_size", "Requests per executed batch.",
+            ["model", "version"],
             buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_seconds = Histogram(
-            "inferq_inference_seconds", "Wall time of one batch's forward pass.", ["model"],
+            "inferq_inference_seconds", "Wall time of one batch's forward pass.",
+            ["model", "version"],
             buckets=SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_seconds = Histogram(
-            "inferq_queue_seconds", "Time from receipt to the start of the batch.", ["model"],
+            "inferq_queue_seconds", "Time from receipt to the start of the batch.",
+            ["model", "version"],
             buckets=SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
@@ -80,7 +83,7 @@ class WorkerMetrics:
         self.end_to_end_seconds = GroupHistogram(
             "inferq_end_to_end_seconds",
             "From the request's created_ms (producer clock) to its ok result written.",
-            label="model", buckets=END_TO_END_BUCKETS,
+            labels=("model", "version"), buckets=END_TO_END_BUCKETS,
         )  # fmt: skip
         r.register(self.end_to_end_seconds)
         self.result_write_seconds = Histogram(
@@ -136,14 +139,10 @@ class WorkerMetrics:
         """Export each known version's state, memory and load time, read at every scrape."""
         self.registry.register(_ModelCollector(statuses))
 
-    def answered(self, model: str, outcome: Outcome, code: str = "") -> None:
-        """Count one request leaving the worker."""
-        self.requests.labels(model=model, outcome=outcome.value, code=code).inc()
-
-    def answered_many(self, counts: Mapping[tuple[str, Outcome, str], int]) -> None:
-        """Count requests leaving the worker, by (model, outcome, code)."""
-        for (model, outcome, code), count in counts.items():
-            self.requests.labels(model=model, outcome=outcome.value, code=code).inc(count)
+    def answered_many(self, counts: Mapping[tuple[str, str, Outcome, str], int]) -> None:
+        """Count requests leaving the worker, by (model, version, outcome, code)."""
+        for (model, version, outcome, code), count in counts.items():
+            self.requests.labels(model, version, outcome.value, code).inc(count)
             if code:
                 self.errors.labels(code=code).inc(count)
             if outcome is Outcome.DEAD_LETTER:
@@ -183,41 +182,45 @@ class _ModelCollector(Collector):
 
 
 class GroupHistogram(Collector):
-    """A histogram fed a whole group of observations at once, per value of one label.
+    """A histogram fed a whole group of observations at once, per set of label values.
 
     `prometheus_client`'s `Histogram.observe` costs about 5 µs per request on the loop
     thread here (a tenth of the worker's whole per-request budget); counting a group's
     values into the buckets with numpy costs a few µs per group.
     """
 
-    def __init__(self, name: str, documentation: str, *, label: str, buckets: Sequence[float]):
+    def __init__(
+        self, name: str, documentation: str, *, labels: Sequence[str], buckets: Sequence[float]
+    ):
         self._name = name
         self._documentation = documentation
-        self._label = label
+        self._labels = list(labels)
         self._bounds = np.asarray(buckets, dtype=np.float64)
-        self._counts: dict[str, NDArray[np.int64]] = {}
-        self._sums: dict[str, float] = {}
+        self._counts: dict[tuple[str, ...], NDArray[np.int64]] = {}
+        self._sums: dict[tuple[str, ...], float] = {}
 
-    def observe_many(self, label_value: str, values: NDArray[np.float64]) -> None:
-        """Count ``values`` (seconds) under ``label_value``."""
-        counts = self._counts.get(label_value)
+    def observe_many(self, label_values: tuple[str, ...], values: NDArray[np.float64]) -> None:
+        """Count ``values`` (seconds) under ``label_values``, one per label."""
+        counts = self._counts.get(label_values)
         if counts is None:
-            counts = self._counts[label_value] = np.zeros(len(self._bounds) + 1, np.int64)
-            self._sums[label_value] = 0.0
+            if len(label_values) != len(self._labels):
+                raise ValueError(f"{self._name} takes labels {self._labels}: {label_values}")
+            counts = self._counts[label_values] = np.zeros(len(self._bounds) + 1, np.int64)
+            self._sums[label_values] = 0.0
         # Bucket i holds values <= bound i (Prometheus's `le`); the last one is +Inf.
         counts += np.bincount(
             np.searchsorted(self._bounds, values, side="left"), minlength=len(counts)
         )
-        self._sums[label_value] += float(values.sum())
+        self._sums[label_values] += float(values.sum())
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
-        for label_value, counts in self._counts.items():
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for label_values, counts in self._counts.items():
             cumulative = np.cumsum(counts)
             buckets = [
                 (repr(float(bound)), float(count))
                 for bound, count in zip(self._bounds, cumulative[:-1], strict=True)
             ]
             buckets.append(("+Inf", float(cumulative[-1])))
-            family.add_metric([label_value], buckets, self._sums[label_value])
+            family.add_metric(list(label_values), buckets, self._sums[label_values])
         yield family

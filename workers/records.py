@@ -124,6 +124,9 @@ class Answer:
     model: str
     outcome: Outcome
     code: str = ""
+    version: str = ""
+    """The model version that answered, as the `version` metric label; "" when none ran
+    or it is not known (dead letters, answers re-sent from the cache, duplicate ids)."""
     request_id: str | None = None
     """The request's id; None for a dead letter."""
     content_type: ContentType = ContentType.MSGPACK

@@ -587,11 +587,11 @@ class Worker:
         outcome = await self._runner.run_batch(
             model, [pending.inputs for pending in live], batch.key.parameters
         )
-        metric_model = model.name
+        labels = (model.name, str(model.version))
         batch_size = len(live)
-        self._metrics.batch_size.labels(model=metric_model).observe(batch_size)
-        self._metrics.inference_seconds.labels(model=metric_model).observe(outcome.infer_ms / 1000)
-        queue_seconds = self._metrics.queue_seconds.labels(model=metric_model)
+        self._metrics.batch_size.labels(*labels).observe(batch_size)
+        self._metrics.inference_seconds.labels(*labels).observe(outcome.infer_ms / 1000)
+        queue_seconds = self._metrics.queue_seconds.labels(*labels)
         succeeded, failed = self._answer_builder.succeeded, self._answer_builder.failed
         infer_ms = outcome.infer_ms
         created_ms = now_ms()
@@ -625,7 +625,7 @@ class Worker:
                 size += sum(len(answer.value) for answer in more)
             written = await writer.write(group)
             self._metrics.answered_many(
-                Counter((answer.model, answer.outcome, answer.code) for answer in written)
+                Counter((a.model, a.version, a.outcome, a.code) for a in written)
             )
             self._observe_end_to_end(written)
             complete = self._tracker.complete
@@ -636,17 +636,17 @@ class Worker:
             self._progress.set()
 
     def _observe_end_to_end(self, written: Sequence[Answer]) -> None:
-        by_model: dict[str, list[int]] = {}
+        by_version: dict[tuple[str, str], list[int]] = {}
         for answer in written:
             requested_ms = answer.requested_ms
             if requested_ms is not None:
-                by_model.setdefault(answer.model, []).append(requested_ms)
-        if not by_model:
+                by_version.setdefault((answer.model, answer.version), []).append(requested_ms)
+        if not by_version:
             return
         now_ms = time.time() * 1000
-        for model, requested in by_model.items():
+        for labels, requested in by_version.items():
             ages = (now_ms - np.asarray(requested, dtype=np.float64)) / 1000
-            self._metrics.end_to_end_seconds.observe_many(model, np.maximum(ages, 0.0))
+            self._metrics.end_to_end_seconds.observe_many(labels, np.maximum(ages, 0.0))
 
     async def _lag_loop(self, consumer: AIOKafkaConsumer) -> None:
         """Sample each assigned partition's lag: records not answered yet (see the metric)."""

@@ -14,6 +14,7 @@ from producers.load import publish, random_requests
 from schemas.messages import InferenceRequest, ResultStatus
 from schemas.topics import TopicNames
 from tests.integration.kafka_helpers import bounded, topic_names, until
+from tests.integration.metric_samples import metric_total
 from tests.integration.worker_harness import (
     Deployment,
     assert_outputs_match,
@@ -68,8 +69,8 @@ async def test_a_version_written_while_requests_flow_takes_the_traffic_and_loses
         await wait_until_ready(running)
 
         def answered() -> float:
-            labels = {"model": "swap", "outcome": "ok", "code": ""}
-            return running.metrics.registry.get_sample_value("inferq_requests_total", labels) or 0
+            registry = running.metrics.registry
+            return metric_total(registry, "inferq_requests_total", model="swap", outcome="ok")
 
         async def write_the_new_version() -> tuple[float, float]:
             await until(lambda: answered() >= count // 4, what="a quarter answered", timeout_s=120)

@@ -27,6 +27,7 @@ from schemas.tensors import Tensor
 from schemas.topics import HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, TopicNames
 from tests.conftest import TopicFactory
 from tests.integration.kafka_helpers import bounded
+from tests.integration.metric_samples import metric_total
 from tests.integration.worker_harness import (
     Deployment,
     assert_outputs_match,
@@ -46,11 +47,11 @@ def batches_above_one(running_metrics_registry: object) -> float:
     from prometheus_client import CollectorRegistry
 
     assert isinstance(running_metrics_registry, CollectorRegistry)
-    total = running_metrics_registry.get_sample_value("inferq_batch_size_count", {"model": "mlp"})
-    singles = running_metrics_registry.get_sample_value(
-        "inferq_batch_size_bucket", {"model": "mlp", "le": "1.0"}
+    total = metric_total(running_metrics_registry, "inferq_batch_size_count", model="mlp")
+    singles = metric_total(
+        running_metrics_registry, "inferq_batch_size_bucket", model="mlp", le="1.0"
     )
-    return (total or 0) - (singles or 0)
+    return total - singles
 
 
 async def test_every_request_is_answered_once_with_the_models_outputs(
@@ -247,10 +248,8 @@ async def test_a_redelivered_request_is_answered_from_the_cache_without_running(
     assert record.key == request.id.encode()
     resent = decode_result(record.value)
     assert resent.outputs[0].to_numpy().tolist() == [[7.0] * 10]
-    assert (
-        running.metrics.registry.get_sample_value("inferq_batch_size_count", {"model": "mlp"})
-        is None
-    )
+    assert metric_total(running.metrics.registry, "inferq_batch_size_count", model="mlp") == 0
+    assert metric_total(running.metrics.registry, "inferq_requests_total", outcome="cached") == 1
 
 
 async def test_two_workers_split_the_partitions_and_the_survivor_finishes(
@@ -266,11 +265,11 @@ async def test_two_workers_split_the_partitions_and_the_survivor_finishes(
                     await asyncio.sleep(0.05)  # 8 partitions (mlp and cnn) split in two
             await publish(client, requests[:2000])
             await client.results([r.id for r in requests[:2000]], timeout_s=120)
-            first_batches = first.metrics.registry.get_sample_value(
-                "inferq_batch_size_count", {"model": "mlp"}
+            first_batches = metric_total(
+                first.metrics.registry, "inferq_batch_size_count", model="mlp"
             )
-            second_batches = second.metrics.registry.get_sample_value(
-                "inferq_batch_size_count", {"model": "mlp"}
+            second_batches = metric_total(
+                second.metrics.registry, "inferq_batch_size_count", model="mlp"
             )
             assert first_batches, "the first worker served part of the load"
             assert second_batches, "the second worker served part of the load"

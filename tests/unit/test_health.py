@@ -21,7 +21,7 @@ async def get(port: int, path: str) -> tuple[str, bytes]:
 
 async def test_metrics_and_probes() -> None:
     metrics = WorkerMetrics()
-    metrics.answered("mlp", Outcome.ERROR, "SHAPE_MISMATCH")
+    metrics.answered_many({("mlp", "", Outcome.ERROR, "SHAPE_MISMATCH"): 1})
     ready = False
     server = HealthServer(
         registry=metrics.registry, is_ready=lambda: ready, host="127.0.0.1", port=0
@@ -30,9 +30,8 @@ async def test_metrics_and_probes() -> None:
     try:
         status, body = await get(server.port, "/metrics")
         assert status == "HTTP/1.1 200 OK"
-        assert (
-            b'inferq_requests_total{code="SHAPE_MISMATCH",model="mlp",outcome="error"} 1.0' in body
-        )
+        labels = b'code="SHAPE_MISMATCH",model="mlp",outcome="error",version=""'
+        assert b"inferq_requests_total{" + labels + b"} 1.0" in body
         assert (await get(server.port, "/healthz"))[0] == "HTTP/1.1 200 OK"
         assert (await get(server.port, "/readyz"))[0] == "HTTP/1.1 503 Service Unavailable"
         ready = True

@@ -134,6 +134,7 @@ def answers(topic: str, count: int, *, value_bytes: int = 10, **fields: Any) -> 
                 **fields,
             ),
             b"v" * value_bytes,
+            version=1,
         )
         for offset in range(count)
     ]
