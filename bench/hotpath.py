@@ -73,7 +73,12 @@ def encoded_requests(model: str, count: int) -> list[bytes]:
 
 
 async def one_burst(
-    models_dir: Path, values: list[bytes], *, model: str, profile: cProfile.Profile | None
+    models_dir: Path,
+    values: list[bytes],
+    *,
+    model: str,
+    profile: cProfile.Profile | None,
+    metrics: WorkerMetrics | None = None,
 ) -> dict[str, Any]:
     settings = WorkerSettings(
         kafka=KafkaSettings(topic_prefix=PREFIX), models_dir=models_dir, worker_id="hotpath"
@@ -91,7 +96,10 @@ async def one_burst(
     repository.load()
     async with ModelRunner(device=torch.device("cpu"), num_threads=1) as runner:
         worker = Worker(
-            settings=settings, repository=repository, runner=runner, metrics=WorkerMetrics()
+            settings=settings,
+            repository=repository,
+            runner=runner,
+            metrics=metrics if metrics is not None else WorkerMetrics(),
         )
         writer = MemoryWriter(answers=worker._answer_builder)
         consumer = MemoryConsumer(records)

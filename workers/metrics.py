@@ -65,11 +65,12 @@ class WorkerMetrics:
             ["model", "version"],
             buckets=SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.queue_seconds = Histogram(
-            "inferq_queue_seconds", "Time from receipt to the start of the batch.",
-            ["model", "version"],
-            buckets=SECONDS_BUCKETS, registry=r,
+        self.queue_seconds = GroupHistogram(
+            "inferq_queue_seconds",
+            "Time from the request's created_ms (or its receipt) to the start of its batch.",
+            labels=("model", "version"), buckets=SECONDS_BUCKETS,
         )  # fmt: skip
+        r.register(self.queue_seconds)
         self.in_flight = Gauge(
             "inferq_in_flight", "Requests consumed and not yet answered.", registry=r
         )

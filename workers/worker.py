@@ -591,14 +591,14 @@ class Worker:
         batch_size = len(live)
         self._metrics.batch_size.labels(*labels).observe(batch_size)
         self._metrics.inference_seconds.labels(*labels).observe(outcome.infer_ms / 1000)
-        queue_seconds = self._metrics.queue_seconds.labels(*labels)
         succeeded, failed = self._answer_builder.succeeded, self._answer_builder.failed
         infer_ms = outcome.infer_ms
         created_ms = now_ms()
+        queued_ms: list[float] = []
         for pending, result in zip(live, outcome.outcomes, strict=True):
             # As the contract says: from the producer's created_ms when it has one.
             queue_ms = max(started_ms - (pending.created_ms or pending.received_ms), 0.0)
-            queue_seconds.observe(queue_ms / 1000)
+            queued_ms.append(queue_ms)
             if isinstance(result, RequestSucceeded):
                 answers.append(
                     succeeded(pending, result.outputs, queue_ms=queue_ms, infer_ms=infer_ms,
@@ -610,6 +610,7 @@ class Worker:
                     failed(pending.to, result.error.code, result.error.message,
                            version=model.version, timing=timing)
                 )  # fmt: skip
+        self._metrics.queue_seconds.observe_many(labels, np.asarray(queued_ms) / 1000)
         return answers
 
     # --- writing and committing -----------------------------------------------------------
