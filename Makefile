@@ -23,7 +23,7 @@ export INFERQ_CACHE_DIR := $(CACHE_DIR)
 help:
 	@echo "make demo        start Kafka + Redis, run the end-to-end demo, stop them"
 	@echo "make test        lint, type-check and run the whole test suite on a private stack"
-	@echo "make lint        ruff check + ruff format --check"
+	@echo "make lint        ruff, hadolint, k8s manifests and compose.yaml against their schemas"
 	@echo "make typecheck   mypy --strict on workers/ producers/ schemas/"
 	@echo "make unit        the unit tests only (no Kafka, no Redis)"
 	@echo "make stack-up | stack-down | stack-status   the local stack on ports 9092/9093/6379"
@@ -47,6 +47,8 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint deploy/docker/Dockerfile
+	$(PY) -m deploy.validate
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -1,6 +1,7 @@
-"""compose.yaml and deploy/k8s/ agree with the settings classes and the worker's endpoints.
+"""compose.yaml and the Dockerfile agree with the settings classes and the worker's endpoints.
 
-Neither Docker nor a cluster runs here: these tests read the files as data.
+Docker does not run here: these tests read the files as data (tests/unit/test_k8s_manifests.py
+does the same for deploy/k8s/, and `make lint` validates both against their schemas).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
-K8S_DIR = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 SUPERVISOR_EXTRA_S = 10.0
 """The supervisor waits `shutdown_timeout_s` + this before killing children (workers/cli.py)."""
@@ -234,123 +234,18 @@ def test_dockerfile_installs_the_project_and_runs_the_worker() -> None:
     assert 'ENTRYPOINT ["inferq-worker"]' in text
 
 
-# --- deploy/k8s ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
-    """Every object in deploy/k8s/*.yaml (multi-document files too), by (kind, name)."""
-    objects: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(K8S_DIR.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if document is None:
-                continue
-            key = (document["kind"], document["metadata"]["name"])
-            assert key not in objects, f"{key} defined twice"
-            objects[key] = document
-    return objects
-
-
-@pytest.fixture(scope="module")
-def pod_spec(k8s_objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    spec = k8s_objects["Deployment", "inferq-worker"]["spec"]["template"]["spec"]
-    assert isinstance(spec, dict)
-    return spec
-
-
-@pytest.fixture(scope="module")
-def worker_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    (container,) = [c for c in pod_spec["containers"] if c["name"] == "worker"]
-    assert isinstance(container, dict)
-    return container
-
-
-@pytest.fixture(scope="module")
-def k8s_worker_env(
-    k8s_objects: dict[tuple[str, str], dict[str, Any]], worker_container: dict[str, Any]
-) -> dict[str, str]:
-    """The worker container's environment: its ConfigMaps, then its own `env` entries."""
-    env: dict[str, str] = {}
-    for source in worker_container.get("envFrom", []):
-        config_map = k8s_objects["ConfigMap", source["configMapRef"]["name"]]
-        env.update(config_map["data"])
-    for entry in worker_container.get("env", []):
-        env[entry["name"]] = str(entry.get("value", ""))
-    return env
-
-
-def test_configmap_values_are_strings(k8s_objects: dict[tuple[str, str], dict[str, Any]]) -> None:
-    for (kind, name), document in k8s_objects.items():
-        if kind == "ConfigMap":
-            not_strings = {k: v for k, v in document["data"].items() if not isinstance(v, str)}
-            assert not not_strings, f"ConfigMap {name}: quote {not_strings}"
-
-
-def test_k8s_env_names_are_worker_settings(k8s_worker_env: dict[str, str]) -> None:
-    assert k8s_worker_env, "the worker container gets no settings"
-    unknown = sorted(set(k8s_worker_env) - WORKER_ENV_NAMES)
-    assert not unknown, f"not WorkerSettings fields: {unknown}"
-
-
-def test_k8s_settings_validate(
-    k8s_worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = settings_from(k8s_worker_env, monkeypatch)
-    assert settings.http_port == DEFAULT_HTTP_PORT
-
-
-def http_port_number(container: dict[str, Any], port: int | str) -> int:
-    """A probe's port, resolving a named container port."""
-    if isinstance(port, int):
-        return port
-    (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
-    return int(number)
-
-
-@pytest.mark.parametrize(
-    ("probe", "path"),
-    [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")],
-)
-def test_probes_ask_the_health_server(
-    worker_container: dict[str, Any], k8s_worker_env: dict[str, str], probe: str, path: str
-) -> None:
-    http_get = worker_container[probe]["httpGet"]
-    assert http_get["path"] == path
-    assert http_port_number(worker_container, http_get["port"]) == int(
-        k8s_worker_env["INFERQ_HTTP_PORT"]
-    )
-
-
-def test_prometheus_scrapes_metrics_on_the_http_port(
-    k8s_objects: dict[tuple[str, str], dict[str, Any]], k8s_worker_env: dict[str, str]
-) -> None:
-    annotations = k8s_objects["Deployment", "inferq-worker"]["spec"]["template"]["metadata"][
-        "annotations"
-    ]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == k8s_worker_env["INFERQ_HTTP_PORT"]
-    assert annotations["prometheus.io/path"] == "/metrics"
-
-
-def test_termination_grace_outlasts_the_shutdown(
-    pod_spec: dict[str, Any], k8s_worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    shutdown_timeout_s = settings_from(k8s_worker_env, monkeypatch).shutdown_timeout_s
-    assert pod_spec["terminationGracePeriodSeconds"] > shutdown_timeout_s + SUPERVISOR_EXTRA_S
-
-
-def test_one_process_per_pod(worker_container: dict[str, Any]) -> None:
-    """The probes and the scrape annotation reach child 0 only (child i listens on port + i)."""
-    assert worker_container["args"] == ["--procs", "1"]
-
-
-def test_the_deployment_selects_its_pods(
-    k8s_objects: dict[tuple[str, str], dict[str, Any]],
-) -> None:
-    deployment = k8s_objects["Deployment", "inferq-worker"]
-    selector = deployment["spec"]["selector"]["matchLabels"]
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert selector.items() <= labels.items()
+def test_dockerfile_variants_runs_unprivileged_and_checks_healthz() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^ARG VARIANT=cuda$", text, re.MULTILINE)
+    for branch in ('case "$VARIANT" in', "cuda)", "cpu)", '--index-url "$TORCH_INDEX_URL"'):
+        assert branch in text
+    (user,) = re.findall(r"^USER (\d+)(?::\d+)?$", text, re.MULTILINE)
+    assert int(user) != 0, "a numeric non-root uid, which runAsNonRoot can check"
+    healthcheck = text[text.index("HEALTHCHECK") :].split("\n\n")[0]
+    for part in ("/healthz", "INFERQ_HTTP_PORT", "urllib.request"):
+        assert part in healthcheck
+    assert "curl" not in healthcheck
+    assert "COPY models" not in text, "models are a volume at /models, not in the image"
 
 
 def test_prometheus_scrapes_the_worker_service_with_the_shipped_config_and_rules(
