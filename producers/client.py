@@ -19,11 +19,8 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producers.inputs import Inputs, Prediction, as_tensors
 from producers.replies import ReplyListener
@@ -32,6 +29,8 @@ from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
 from schemas.errors import SchemaError
 from schemas.messages import InferenceRequest, InferenceResult, now_ms
+from schemas.redis import REDIS_UNAVAILABLE, mget
+from schemas.redis import connect as connect_redis
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
 log = logging.getLogger(__name__)
@@ -141,9 +140,7 @@ class InferenceClient:
             max_request_size=settings.max_request_bytes,
             request_timeout_ms=settings.kafka.request_timeout_ms,
         )
-        self._redis = aioredis.Redis.from_url(
-            settings.redis.url, socket_timeout=settings.redis.socket_timeout_s
-        )
+        self._redis = connect_redis(settings.redis)
         self._content_type_header = settings.content_type.value.encode()
         self._large_records = InFlightBytes(budget_bytes=settings.max_request_bytes)
         self._submissions: OrderedDict[str, Submission] = OrderedDict()
@@ -297,7 +294,7 @@ class InferenceClient:
             return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
         except TimeoutError:
             late: dict[str, InferenceResult] = {}
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
                 late = await self.cached_results([request.id])  # one last look
             if request.id in late:
                 return late[request.id]
@@ -328,7 +325,8 @@ class InferenceClient:
         return self._reply_topic
 
     async def cached_results(self, request_ids: Sequence[str]) -> dict[str, InferenceResult]:
-        """The results Redis holds now for ``request_ids`` (one MGET per 10,000 ids)."""
+        """The results Redis holds now for ``request_ids`` (one MGET per 10,000 ids; on a
+        Redis Cluster, one per hash slot of each 10,000)."""
         found: dict[str, InferenceResult] = {}
         await self._results_from_redis(dict.fromkeys(request_ids), found)
         return found
@@ -445,7 +443,7 @@ class InferenceClient:
                 try:
                     await self._results_from_redis(waiting, found)
                     redis_error = None
-                except (RedisConnectionError, RedisTimeoutError) as error:
+                except REDIS_UNAVAILABLE as error:
                     redis_error = error
                 if not waiting:
                     break
@@ -485,10 +483,9 @@ class InferenceClient:
         ids = list(waiting)
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
-            values = await self._redis.mget([self._topics.result_key(i) for i in part])
-            for request_id, value in zip(part, values, strict=True):
-                if value is not None and request_id in waiting:
-                    raw = value if isinstance(value, bytes) else value.encode()
+            values = await mget(self._redis, [self._topics.result_key(i) for i in part])
+            for request_id, raw in zip(part, values, strict=True):
+                if raw is not None and request_id in waiting:
                     try:
                         found[request_id] = decode_result(raw, _sniff(raw))
                     except SchemaError as error:  # one bad value must not hide the others

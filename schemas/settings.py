@@ -6,7 +6,9 @@ so `INFERQ_KAFKA__BOOTSTRAP_SERVERS` sets `settings.kafka.bootstrap_servers`.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.topics import DEFAULT_PREFIX
 
@@ -38,7 +40,12 @@ class RedisSettings(BaseModel):
     url: str = Field(
         default="redis://127.0.0.1:6379/0",
         pattern=r"^rediss?://",
-        description="Redis DSN (redis:// or rediss://).",
+        description="Redis DSN (redis:// or rediss://); with `cluster`, of any cluster node.",
+    )
+    cluster: bool = Field(
+        default=False,
+        description="`url` names a node of a Redis Cluster: the other nodes are discovered from "
+        "it, and each write or read of many ids goes one command per hash slot.",
     )
     result_ttl_s: int = Field(
         default=3600, gt=0, description="Lifetime of a cached result, in seconds."
@@ -46,3 +53,10 @@ class RedisSettings(BaseModel):
     socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Timeout of one Redis command, in seconds."
     )
+
+    @model_validator(mode="after")
+    def _cluster_uses_database_zero(self) -> RedisSettings:
+        database = urlsplit(self.url).path.strip("/")
+        if self.cluster and database not in ("", "0"):
+            raise ValueError(f"url: a Redis Cluster has database 0 only, not {database!r}")
+        return self

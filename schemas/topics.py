@@ -89,11 +89,11 @@ class TopicNames:
         """The Redis key holding the digest of the request whose result is cached for `request_id`.
 
         It binds the id to that request: another request with the same id but other inputs is
-        answered `DUPLICATE_ID`, never with this result.
+        answered `DUPLICATE_ID`, never with this result. Its hash tag is the result key
+        (`{prefix}:digest:{{prefix}:result:{id}}`), so both lie in one Redis Cluster hash slot
+        and one script writes them together (an id has no braces, by the id rule).
         """
-        if not request_id:
-            raise ValueError("request_id: must not be empty")
-        return f"{self.prefix}:digest:{request_id}"
+        return f"{self.prefix}:digest:{{{self.result_key(request_id)}}}"
 
     def is_reserved(self, topic: str) -> bool:
         """Whether `topic` is one no result may be sent to by request: a request, result or

@@ -1,7 +1,8 @@
 """Writing answers: Redis first, then Kafka, retried until both hold them.
 
-Redis is written first, by one Lua call per group: the first result of a request id wins
-and is stored with the digest of the request it answers. A worker that finds one already
+Redis is written first, by one Lua call per group (on a Redis Cluster, one per hash slot of
+the group, pipelined): the first result of a request id wins and is stored with the digest
+of the request it answers. A worker that finds one already
 there sends those exact bytes to Kafka instead of its own (a redelivery after a crash, a
 rebalance race), so a request never gets two different results; a request that reuses an
 id with other inputs is answered `DUPLICATE_ID`, never with another request's output.
@@ -25,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -40,8 +40,10 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
+from schemas.redis import REDIS_ERRORS, RedisClient, is_refusal, mget, slot_groups
 from schemas.topics import TopicNames
 from workers.answers import Answers
 from workers.catalog import TopicCatalog
@@ -140,7 +142,7 @@ class ResultWriter:
         self,
         *,
         producer_factory: ProducerFactory,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         catalog: TopicCatalog,
         answers: Answers,
         result_ttl_s: int,
@@ -150,6 +152,8 @@ class ResultWriter:
     ) -> None:
         """producer_factory: builds an unstarted producer (idempotent, acks=all).
 
+        redis: one server, or a `RedisCluster` (each group is then written slot by slot).
+
         result_ttl_s: lifetime of cached results, in seconds.
         max_backoff_s: the longest pause between retries of a failed write.
         max_record_bytes: the producer's `max_request_size`: no record is sent above it.
@@ -158,6 +162,7 @@ class ResultWriter:
         self._producer: AIOKafkaProducer | None = None
         self._renewals: deque[float] = deque()
         self._redis = redis
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
         self._catalog = catalog
         self._answers = answers
         self._topics: TopicNames = answers.topics
@@ -197,9 +202,9 @@ class ResultWriter:
         backoff = Backoff(max_s=self._max_backoff_s)
         for attempt in range(1, CACHE_READ_ATTEMPTS + 1):
             try:
-                values = [_as_bytes(v) for v in await self._redis.mget(keys)]
+                values = await mget(self._redis, keys)
                 break
-            except (RedisError, OSError) as error:
+            except REDIS_ERRORS as error:
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_read_failed", error=repr(error), attempt=attempt)
                 if attempt < CACHE_READ_ATTEMPTS:
@@ -244,13 +249,14 @@ class ResultWriter:
             try:
                 replies = await self._store(cached)
                 break
-            except ResponseError as error:
-                # Redis refused the command itself (a key of another type, keys in several
-                # cluster slots): retrying the group cannot help, so go key by key.
-                log.warning("redis_script_refused", error=repr(error), answers=len(cached))
-                replies = await self._store_each(cached)
-                break
-            except (RedisError, OSError) as error:
+            except REDIS_ERRORS as error:
+                if is_refusal(error):
+                    # Redis refused the command itself (a key of another type, keys in several
+                    # cluster slots): retrying the group cannot help, so go key by key.
+                    log.warning("redis_script_refused", error=repr(error), answers=len(cached))
+                    replies = await self._store_each(cached)
+                    break
+                # Down, timed out, failing over, moving a slot: the same write, again.
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_write_failed", error=repr(error), answers=len(cached))
                 await backoff.sleep()
@@ -264,6 +270,45 @@ class ResultWriter:
         return [replaced.get(id(answer), answer) for answer in answers]
 
     async def _store(self, answers: Sequence[Answer]) -> list[tuple[int, bytes]]:
+        """First-result-wins for each answer: (status, earlier result) in their order."""
+        if self._cluster is not None and len(answers) > 1:
+            return await self._store_by_slot(self._cluster, answers)
+        keys, args = self._script_arguments(answers)
+        flat: list[Any] = await self._set_first_wins(keys=keys, args=args)
+        return _replies(flat)
+
+    async def _store_by_slot(
+        self, cluster: RedisCluster, answers: Sequence[Answer]
+    ) -> list[tuple[int, bytes]]:
+        """`_store` on a Redis Cluster: one script call per hash slot of the answers' keys,
+        all in one pipeline (a round trip per node). Raises the first error of any call: a
+        retry of the whole is safe, since calls that did land find their own results."""
+        groups = slot_groups([answer.cache_key or "" for answer in answers])
+        loaded = False
+        while True:
+            pipeline = cluster.pipeline()
+            for group in groups:
+                keys, args = self._script_arguments([answers[i] for i in group])
+                # The raw command: redis-py refuses `evalsha` by name in cluster pipelines.
+                pipeline.execute_command(
+                    "EVALSHA", self._set_first_wins.sha, len(keys), *keys, *args
+                )
+            try:
+                results: list[Any] = await pipeline.execute()
+                break
+            except NoScriptError:
+                if loaded:
+                    raise
+                await cluster.script_load(SET_FIRST_WINS)  # on every primary
+                loaded = True
+        replies: list[tuple[int, bytes]] = [(_STORED, b"")] * len(answers)
+        for group, flat in zip(groups, results, strict=True):
+            for position, reply in zip(group, _replies(flat), strict=True):
+                replies[position] = reply
+        return replies
+
+    def _script_arguments(self, answers: Sequence[Answer]) -> tuple[list[str], list[bytes | int]]:
+        """SET_FIRST_WINS's KEYS and ARGV for ``answers``."""
         keys: list[str] = []
         args: list[bytes | int] = [self._ttl_s]
         for answer in answers:
@@ -271,8 +316,7 @@ class ResultWriter:
             assert answer.request_id is not None
             keys += [answer.cache_key, self._topics.digest_key(answer.request_id)]
             args += [answer.value, answer.digest]
-        flat: list[Any] = await self._set_first_wins(keys=keys, args=args)
-        return [(int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return keys, args
 
     async def _store_each(self, answers: Sequence[Answer]) -> list[tuple[int, bytes]]:
         """First-result-wins per answer; a key Redis refuses is logged and left uncached."""
@@ -283,11 +327,11 @@ class ResultWriter:
                 try:
                     replies += await self._store([answer])
                     break
-                except ResponseError as error:
-                    log.error("redis_key_refused", key=answer.cache_key, error=repr(error))
-                    replies.append((_STORED, b""))
-                    break
-                except (RedisError, OSError):
+                except REDIS_ERRORS as error:
+                    if is_refusal(error):
+                        log.error("redis_key_refused", key=answer.cache_key, error=repr(error))
+                        replies.append((_STORED, b""))
+                        break
                     self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                     await backoff.sleep()
         return replies
@@ -564,5 +608,6 @@ def _record_bytes(answer: Answer) -> int:
     return int(DefaultRecordBatchBuilder.size_of(answer.key, answer.value, headers)) + 32
 
 
-def _as_bytes(value: bytes | str | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
+def _replies(flat: list[Any]) -> list[tuple[int, bytes]]:
+    """SET_FIRST_WINS's flat reply as (status, earlier result) pairs."""
+    return [(int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]

@@ -28,7 +28,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
@@ -37,6 +36,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
 from schemas.messages import Timing, now_ms
+from schemas.redis import connect as connect_redis
 from schemas.topics import TopicNames
 from workers.admission import Admission
 from workers.answers import Answers
@@ -203,11 +203,7 @@ class Worker:
             # Notice new partitions (and topics created after start) within a minute.
             metadata_max_age_ms=60_000,
         )
-        redis = aioredis.Redis.from_url(
-            s.redis.url,
-            socket_timeout=s.redis.socket_timeout_s,
-            socket_connect_timeout=s.redis.socket_timeout_s,
-        )
+        redis = connect_redis(s.redis)
         writer = ResultWriter(
             producer_factory=new_producer,
             redis=redis,

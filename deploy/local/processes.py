@@ -26,6 +26,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports on ``host`` that nothing listens on right now."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))  # held open until all are chosen: no port twice
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a log file, or a note that it is missing."""
     if not path.exists():

@@ -1,4 +1,5 @@
-"""The local stack's redis-server, persistent across restarts (append-only file)."""
+"""The local stack's redis-server, persistent across restarts (append-only file); also a node
+of a local Redis Cluster (`deploy.local.redis_cluster`)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class RedisServer:
 
     Every write reaches the file within a second (``appendfsync everysec``) and SIGTERM flushes
     it, so a restart keeps the results cached before it. Used by `LocalStack`, and alone by tests
-    that restart Redis without touching anyone else's.
+    that restart Redis without touching anyone else's. With ``cluster_bus_port`` it is a node of
+    a Redis Cluster: cluster-enabled, its bus on that port, its cluster state in ``nodes.conf``.
     """
 
     def __init__(
@@ -65,12 +67,14 @@ class RedisServer:
         port: int = 6379,
         start_timeout_s: float = 30.0,
         stop_timeout_s: float = 30.0,
+        cluster_bus_port: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.host = host
         self.port = port
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.cluster_bus_port = cluster_bus_port
         self.log = run_dir / "redis.log"
         self.pid_file = run_dir / "redis.pid"
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -81,6 +85,14 @@ class RedisServer:
 
     def command(self, redis_server: str) -> list[str]:
         """The redis-server command line: loopback only, AOF persistence, data in run_dir."""
+        cluster: list[str] = []
+        if self.cluster_bus_port is not None:
+            cluster = [
+                "--cluster-enabled", "yes",
+                "--cluster-port", str(self.cluster_bus_port),  # not port + 10000: may be taken
+                "--cluster-config-file", "nodes.conf",  # in --dir
+                "--cluster-node-timeout", "5000",
+            ]  # fmt: skip
         return [
             redis_server,
             "--bind", self.host,
@@ -91,6 +103,7 @@ class RedisServer:
             "--save", "",  # the append-only file is the persistence; no RDB snapshots
             "--protected-mode", "yes",
             "--daemonize", "no",
+            *cluster,
         ]  # fmt: skip
 
     def spawn(self) -> None:

@@ -41,11 +41,17 @@ class Deployment:
     prefix: str
     models_dir: Path
     group_id: str
+    redis_cluster: bool = False
+    """Whether `redis_url` names a node of a Redis Cluster."""
+
+    @property
+    def redis_settings(self) -> RedisSettings:
+        return RedisSettings(url=self.redis_url, cluster=self.redis_cluster)
 
     def worker_settings(self, **overrides: object) -> WorkerSettings:
         values: dict[str, object] = {
             "kafka": KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
-            "redis": RedisSettings(url=self.redis_url),
+            "redis": self.redis_settings,
             "models_dir": self.models_dir,
             "group_id": self.group_id,
             "device": "cpu",
@@ -63,6 +69,7 @@ class Deployment:
             "INFERQ_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
             "INFERQ_KAFKA__TOPIC_PREFIX": self.prefix,
             "INFERQ_REDIS__URL": self.redis_url,
+            "INFERQ_REDIS__CLUSTER": str(self.redis_cluster).lower(),
             "INFERQ_MODELS_DIR": str(self.models_dir),
             "INFERQ_GROUP_ID": self.group_id,
             "INFERQ_DEVICE": "cpu",
@@ -77,7 +84,7 @@ class Deployment:
     def producer_settings(self) -> ProducerSettings:
         return ProducerSettings(
             kafka=KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.prefix),
-            redis=RedisSettings(url=self.redis_url),
+            redis=self.redis_settings,
             result_poll_interval_ms=20,
         )
 

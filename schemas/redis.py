@@ -1,0 +1,86 @@
+"""The Redis client of workers and producers: one server, or a Redis Cluster.
+
+`connect` builds it from `RedisSettings`, the one place either side does. On a cluster a
+command's keys must all lie in one hash slot: a result key and its digest key share one
+(the digest key's hash tag is the result key, `TopicNames.digest_key`), and reads and
+writes of many ids are split by slot (`slot_groups`, `mget`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas.settings import RedisSettings
+
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+"""A client of one Redis server or of a Redis Cluster (`RedisSettings.cluster`)."""
+
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN: a failover under way
+    TryAgainError,  # TRYAGAIN: a slot is being migrated
+    AskError,  # MOVED or ASK still, once redis-py's own redirections ran out
+    RedisClusterException,  # no node reachable, a slot not covered (yet)
+)
+"""Errors that say Redis cannot answer now, not that it refuses the command: retry them.
+Several of them are `ResponseError`s: catch these first, or ask `is_refusal`."""
+
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, *REDIS_UNAVAILABLE)
+"""Everything a Redis command may raise (a cluster's own errors are not all `RedisError`s)."""
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether Redis refused the command itself (a key of another type, keys in several
+    slots), so that sending the same again cannot help; False when it could not answer."""
+    return isinstance(error, ResponseError) and not isinstance(error, REDIS_UNAVAILABLE)
+
+
+def connect(settings: RedisSettings) -> RedisClient:
+    """A client for ``settings.url``: a `RedisCluster` that discovers the other nodes when
+    ``settings.cluster``, else a plain `Redis`. Connects on its first command."""
+    timeout_s = settings.socket_timeout_s
+    if settings.cluster:
+        return RedisCluster.from_url(
+            settings.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+    return aioredis.Redis.from_url(
+        settings.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+
+
+async def mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    """The values of ``keys`` in their order; one MGET, or one per hash slot on a cluster
+    (pipelined: one round trip per node). Not atomic across slots."""
+    if not keys:
+        return []
+    if isinstance(client, RedisCluster):
+        values = await client.mget_nonatomic(list(keys))
+    else:
+        values = await client.mget(keys)
+    return [value.encode() if isinstance(value, str) else value for value in values]
+
+
+def slot_groups(keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by Redis Cluster hash slot (hash tags honoured),
+    groups in order of their first key, positions ascending within each."""
+    groups: dict[int, list[int]] = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode()), []).append(position)
+    return list(groups.values())
