@@ -64,12 +64,12 @@ def duration_s(text: str) -> float:
 
 
 def published_ports(service: dict[str, Any]) -> dict[int, int]:
-    """Container port → host port of a service's short-syntax `ports`."""
+    """Container port → (first) host port of a service's short-syntax `ports`."""
     mapping: dict[int, int] = {}
     for entry in service.get("ports", []):
-        parts = str(entry).split("/")[0].split(":")  # [ip:]host:container[/protocol]
+        parts = str(entry).split("/")[0].split(":")  # [ip:]host[-last]:container[/protocol]
         container = int(parts[-1])
-        mapping[container] = int(parts[-2]) if len(parts) >= 2 else container
+        mapping[container] = int(parts[-2].split("-")[0]) if len(parts) >= 2 else container
     return mapping
 
 
@@ -257,7 +257,12 @@ def test_prometheus_scrapes_the_worker_service_with_the_shipped_config_and_rules
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "inferq-workers"]
     port = int(services["worker"]["environment"]["INFERQ_HTTP_PORT"])
-    assert job["static_configs"][0]["targets"] == [f"worker:{port}"]
+    (discovery,) = job["dns_sd_configs"]  # every replica of the scaled worker service
+    assert discovery == {"names": ["worker"], "type": "A", "port": port, "refresh_interval": "15s"}
+    (published,) = services["worker"]["ports"]
+    low, high = published.split(":")[0].split("-")
+    assert published.endswith(f":{port}")
+    assert int(high) - int(low) + 1 >= services["worker"]["deploy"]["replicas"]
     for rules in config["rule_files"]:
         assert (ROOT / "deploy" / "prometheus" / rules).is_file()
 
