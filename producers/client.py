@@ -29,8 +29,8 @@ from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
 from schemas.errors import SchemaError
 from schemas.messages import InferenceRequest, InferenceResult, now_ms
-from schemas.redis import REDIS_UNAVAILABLE, mget
 from schemas.redis import connect as connect_redis
+from schemas.redis import is_unavailable, mget
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
 
 log = logging.getLogger(__name__)
@@ -294,8 +294,11 @@ class InferenceClient:
             return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
         except TimeoutError:
             late: dict[str, InferenceResult] = {}
-            with contextlib.suppress(*REDIS_UNAVAILABLE):
+            try:
                 late = await self.cached_results([request.id])  # one last look
+            except Exception as error:
+                if not is_unavailable(error):
+                    raise
             if request.id in late:
                 return late[request.id]
             raise ResultTimeoutError([request.id], timeout_s) from None
@@ -443,7 +446,9 @@ class InferenceClient:
                 try:
                     await self._results_from_redis(waiting, found)
                     redis_error = None
-                except REDIS_UNAVAILABLE as error:
+                except Exception as error:
+                    if not is_unavailable(error):
+                        raise
                     redis_error = error
                 if not waiting:
                     break

@@ -9,9 +9,11 @@ writes of many ids are split by slot (`slot_groups`, `mget`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TypeAlias
 
 import redis.asyncio as aioredis
+import redis.asyncio.connection as redis_connection
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -43,13 +45,43 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
 Several of them are `ResponseError`s: catch these first, or ask `is_refusal`."""
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, *REDIS_UNAVAILABLE)
-"""Everything a Redis command may raise (a cluster's own errors are not all `RedisError`s)."""
+"""Everything a Redis command may raise (a cluster's own errors are not all `RedisError`s),
+but for a torn connection (`is_unavailable`)."""
+
+_CONNECTION_MODULE = str(Path(redis_connection.__file__).resolve())
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether Redis could not answer now (down, timed out, failing over, moving a slot, a
+    connection torn under the command): the same command may succeed later."""
+    return isinstance(error, REDIS_UNAVAILABLE) or _torn_connection(error)
 
 
 def is_refusal(error: BaseException) -> bool:
     """Whether Redis refused the command itself (a key of another type, keys in several
     slots), so that sending the same again cannot help; False when it could not answer."""
     return isinstance(error, ResponseError) and not isinstance(error, REDIS_UNAVAILABLE)
+
+
+def is_redis_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from Redis or its client (a refusal, or unavailable), rather
+    than from a bug of ours."""
+    return isinstance(error, REDIS_ERRORS) or _torn_connection(error)
+
+
+def _torn_connection(error: BaseException) -> bool:
+    """An AttributeError or TypeError raised under redis-py's asyncio connection I/O: what it
+    lets out when a connection is closed under a command in flight, by the peer or by the
+    cluster client itself, which closes every connection after CLUSTERDOWN (redis-py issues
+    3546 and 4287); the connection is opened again on its next use."""
+    if not isinstance(error, AttributeError | TypeError):
+        return False
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == _CONNECTION_MODULE:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def connect(settings: RedisSettings) -> RedisClient:

@@ -43,7 +43,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from schemas.redis import REDIS_ERRORS, RedisClient, is_refusal, mget, slot_groups
+from schemas.redis import RedisClient, is_redis_failure, is_refusal, mget, slot_groups
 from schemas.topics import TopicNames
 from workers.answers import Answers
 from workers.catalog import TopicCatalog
@@ -204,7 +204,9 @@ class ResultWriter:
             try:
                 values = await mget(self._redis, keys)
                 break
-            except REDIS_ERRORS as error:
+            except Exception as error:
+                if not is_redis_failure(error):
+                    raise
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_read_failed", error=repr(error), attempt=attempt)
                 if attempt < CACHE_READ_ATTEMPTS:
@@ -249,14 +251,16 @@ class ResultWriter:
             try:
                 replies = await self._store(cached)
                 break
-            except REDIS_ERRORS as error:
+            except Exception as error:
+                if not is_redis_failure(error):
+                    raise
                 if is_refusal(error):
                     # Redis refused the command itself (a key of another type, keys in several
                     # cluster slots): retrying the group cannot help, so go key by key.
                     log.warning("redis_script_refused", error=repr(error), answers=len(cached))
                     replies = await self._store_each(cached)
                     break
-                # Down, timed out, failing over, moving a slot: the same write, again.
+                # Down, timed out, failing over, moving a slot, a torn connection: again.
                 self._metrics.write_retries.labels(sink=Sink.REDIS.value).inc()
                 log.warning("redis_write_failed", error=repr(error), answers=len(cached))
                 await backoff.sleep()
@@ -327,7 +331,9 @@ class ResultWriter:
                 try:
                     replies += await self._store([answer])
                     break
-                except REDIS_ERRORS as error:
+                except Exception as error:
+                    if not is_redis_failure(error):
+                        raise
                     if is_refusal(error):
                         log.error("redis_key_refused", key=answer.cache_key, error=repr(error))
                         replies.append((_STORED, b""))

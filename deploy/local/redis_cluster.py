@@ -86,7 +86,7 @@ class LocalRedisCluster:
                 node.start()  # waits for PING
             if self.info(self.nodes[0]).get("cluster_slots_assigned") != str(HASH_SLOTS):
                 self._create(redis_cli)
-            self._wait_ok()
+            self.wait_ok()
         except BaseException:
             self.stop()
             raise
@@ -129,7 +129,9 @@ class LocalRedisCluster:
                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             )
 
-    def _wait_ok(self) -> None:
+    def wait_ok(self) -> None:
+        """Until every node serves all slots and knows every other (a node restarted alone
+        rejoins by itself); StackError after the start timeout."""
         deadline = time.monotonic() + self.start_timeout_s
         waiting = list(self.nodes)
         while waiting:

@@ -3,12 +3,14 @@ result on the node that owns its slot, first result wins, the client reads them 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from deploy.local.processes import free_ports
@@ -37,6 +39,8 @@ RESENT_LATER = 50
 """Ids sent again once answered: the worker's redelivery check finds them (MGET by slot)."""
 REUSED_LATER = 50
 """Ids sent again with other inputs once answered: `DUPLICATE_ID`, never the first's output."""
+OUTAGE_S = 7.0
+"""How long a node stays down: beyond the node timeout (5 s), so the cluster fails too."""
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +166,64 @@ async def test_every_request_is_answered_once_through_a_redis_cluster(
         assert merged[topics.result_key(request_id).encode()] == answers[0][0]
         assert topics.digest_key(request_id).encode() in merged
     assert len(merged) == 2 * DISTINCT, "a result key and a digest key per id, nothing else"
+
+
+async def test_writes_wait_out_a_node_that_is_down_and_lose_nothing(
+    on_cluster: Deployment, redis_cluster: LocalRedisCluster
+) -> None:
+    """A node stopped for longer than the node timeout: its slots refuse connections, then the
+    whole cluster says CLUSTERDOWN; every write is retried until the node is back."""
+    topics = TopicNames(prefix=on_cluster.prefix)
+    requests = random_requests(model="mlp", count=600, input_name="input", row_shape=[784])
+    ids = [r.id for r in requests]
+    node = redis_cluster.nodes[1]
+    overrides = {"write_retry_max_backoff_s": 0.5}
+    async with running_worker(on_cluster, **overrides) as running, on_cluster.client() as client:
+        await wait_until_ready(running)
+        await asyncio.to_thread(node.stop)
+        try:
+            await bounded(publish(client, requests), what="publishing", timeout_s=60)
+            await asyncio.sleep(OUTAGE_S)
+        finally:
+            await asyncio.to_thread(node.start)
+            await asyncio.to_thread(redis_cluster.wait_ok)
+        records = await read_topic(
+            on_cluster.bootstrap, topics.results("mlp"), expected=len(requests), timeout_s=120
+        )
+        cached = await client.results(ids, timeout_s=60)
+    retries = running.metrics.registry.get_sample_value(
+        "inferq_write_retries_total", {"sink": "redis"}
+    )
+    assert retries, "the stopped node made the writer retry"
+    by_id = answers_by_id(records)
+    assert sorted(by_id) == sorted(ids)
+    assert all(len(answers) == 1 for answers in by_id.values()), "no request answered twice"
+    assert all(answers[0][1].ok for answers in by_id.values())
+    stored = await keys_by_node(redis_cluster, on_cluster.prefix)
+    assert stored[node.port], "the stopped node holds its share once back"
+    merged = {key: value for keys in stored.values() for key, value in keys.items()}
+    for request_id, answers in by_id.items():
+        assert merged[topics.result_key(request_id).encode()] == answers[0][0]
+        assert cached[request_id] == answers[0][1]
+
+
+async def test_a_key_the_cluster_refuses_does_not_stall_the_others(
+    on_cluster: Deployment, redis_cluster: LocalRedisCluster
+) -> None:
+    topics = TopicNames(prefix=on_cluster.prefix)
+    requests = random_requests(model="mlp", count=40, input_name="input", row_shape=[784])
+    blocked = requests[7].id
+    cluster = RedisCluster.from_url(redis_cluster.url, socket_timeout=5)
+    try:
+        await cluster.rpush(topics.result_key(blocked), b"not a string")  # WRONGTYPE for SET
+        async with running_worker(on_cluster) as running, on_cluster.client() as client:
+            await wait_until_ready(running)
+            await bounded(publish(client, requests), what="publishing", timeout_s=60)
+            records = await read_topic(on_cluster.bootstrap, topics.results("mlp"), expected=40)
+            others = [r.id for r in requests if r.id != blocked]
+            cached = await client.results(others, timeout_s=30)
+        assert await cluster.type(topics.result_key(blocked)) == b"list"
+    finally:
+        await cluster.aclose()
+    assert sorted(record.key.decode() for record in records) == sorted(r.id for r in requests)
+    assert len(cached) == len(others)

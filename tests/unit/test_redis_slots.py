@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+import redis.asyncio.connection as redis_connection
 from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -23,7 +24,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas.redis import REDIS_ERRORS, connect, is_refusal, slot_groups
+from schemas.redis import (
+    REDIS_ERRORS,
+    connect,
+    is_redis_failure,
+    is_refusal,
+    is_unavailable,
+    slot_groups,
+)
 from schemas.settings import RedisSettings
 from schemas.topics import TopicNames
 
@@ -108,7 +116,9 @@ async def test_the_cluster_setting_chooses_the_client() -> None:
     ids=type,
 )
 def test_a_cluster_that_cannot_answer_now_is_retried_not_refused(error: Exception) -> None:
-    assert isinstance(error, REDIS_ERRORS), "caught by the write path"
+    assert isinstance(error, REDIS_ERRORS)
+    assert is_redis_failure(error), "caught by the write path"
+    assert is_unavailable(error)
     assert not is_refusal(error)
 
 
@@ -122,5 +132,35 @@ def test_a_cluster_that_cannot_answer_now_is_retried_not_refused(error: Exceptio
     ids=type,
 )
 def test_a_command_redis_refuses_is_a_refusal(error: Exception) -> None:
-    assert isinstance(error, REDIS_ERRORS)
+    assert is_redis_failure(error)
     assert is_refusal(error)
+    assert not is_unavailable(error)
+
+
+def raised_in(filename: str, error_type: type[Exception]) -> Exception:
+    """An ``error_type`` whose traceback runs through code compiled as ``filename``."""
+    namespace: dict[str, object] = {}
+    source = f"def fail():\n    raise {error_type.__name__}('x')\n"
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102
+    try:
+        namespace["fail"]()  # type: ignore[operator]
+    except error_type as error:
+        return error
+    raise AssertionError("fail() did not raise")
+
+
+@pytest.mark.parametrize("error_type", [AttributeError, TypeError])
+def test_a_connection_torn_under_a_command_is_retried(error_type: type[Exception]) -> None:
+    # redis-py lets `'NoneType' object has no attribute 'writelines'` out of its connection
+    # when the cluster client closes the connections of a command in flight.
+    torn = raised_in(redis_connection.__file__, error_type)
+    assert is_unavailable(torn)
+    assert is_redis_failure(torn)
+    assert not is_refusal(torn)
+
+
+@pytest.mark.parametrize("error_type", [AttributeError, TypeError, KeyError])
+def test_our_own_bugs_are_not_taken_for_redis(error_type: type[Exception]) -> None:
+    ours = raised_in(__file__, error_type)
+    assert not is_unavailable(ours)
+    assert not is_redis_failure(ours)
