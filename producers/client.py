@@ -28,6 +28,7 @@ from producers.result_topic import ResultTopicScan, Submission
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
 from schemas.errors import SchemaError
+from schemas.kafka import KafkaAccessError, check_access, client_options
 from schemas.messages import InferenceRequest, InferenceResult, now_ms
 from schemas.redis import connect as connect_redis
 from schemas.redis import is_unavailable, mget
@@ -54,6 +55,15 @@ class InferenceClientError(Exception):
 
 class BrokerUnavailableError(InferenceClientError, ConnectionError):
     """Kafka did not answer (at start, or while publishing)."""
+
+
+class BrokerRefusedError(InferenceClientError, PermissionError):
+    """Kafka answered but refused the client: wrong SASL credentials, or a broker certificate
+    the client does not trust (`reason`: `authentication` or `tls`); retrying cannot help."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestTooLargeError(InferenceClientError, ValueError):
@@ -130,7 +140,7 @@ class InferenceClient:
         self._settings = settings
         self._topics = TopicNames(prefix=settings.kafka.topic_prefix)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
+            **client_options(settings.kafka),
             client_id=settings.kafka.client_id,
             acks="all",
             enable_idempotence=True,
@@ -138,7 +148,6 @@ class InferenceClient:
             # aiokafka's 16 KiB default holds only a handful of tensor requests per batch.
             max_batch_size=BATCH_BYTES,
             max_request_size=settings.max_request_bytes,
-            request_timeout_ms=settings.kafka.request_timeout_ms,
         )
         self._redis = connect_redis(settings.redis)
         self._content_type_header = settings.content_type.value.encode()
@@ -164,10 +173,15 @@ class InferenceClient:
         await self.close()
 
     async def start(self) -> None:
-        """Connect to Kafka; BrokerUnavailableError when it does not answer."""
+        """Connect to Kafka; BrokerUnavailableError when it does not answer, BrokerRefusedError
+        when it refuses the credentials or the TLS handshake."""
         try:
             await self._producer.start()
         except KafkaError as error:
+            try:
+                await check_access(self._settings.kafka)
+            except KafkaAccessError as refused:
+                raise BrokerRefusedError(str(refused), reason=refused.reason) from error
             raise BrokerUnavailableError(
                 f"Kafka at {self._settings.kafka.bootstrap_servers} does not answer: {error!r}"
             ) from error

@@ -27,6 +27,7 @@ from aiokafka.structs import TopicPartition
 
 from schemas.codec import content_type_of, decode_result
 from schemas.errors import ErrorCode, SchemaError
+from schemas.kafka import client_options
 from schemas.messages import InferenceResult
 from schemas.settings import KafkaSettings
 from schemas.topics import raise_topic_errors
@@ -79,8 +80,7 @@ class ReplyListener:
     async def start(self) -> None:
         """Create the reply topic if it is missing, and read it from its end on."""
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self._kafka.bootstrap_servers,
-            request_timeout_ms=self._kafka.request_timeout_ms,
+            **client_options(self._kafka), client_id=f"{self._kafka.client_id}-replies-admin"
         )
         await admin.start()
         try:
@@ -96,12 +96,11 @@ class ReplyListener:
         finally:
             await admin.close()
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap_servers,
+            **client_options(self._kafka),
             client_id=f"{self._kafka.client_id}-replies",
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=FETCH_WAIT_MS,
-            request_timeout_ms=self._kafka.request_timeout_ms,
         )
         await consumer.start()
         self._consumer = consumer

@@ -16,6 +16,7 @@ from aiokafka.structs import TopicPartition
 
 from schemas.codec import content_type_of, decode_result
 from schemas.errors import SchemaError
+from schemas.kafka import client_options
 from schemas.messages import InferenceResult
 from schemas.settings import KafkaSettings
 
@@ -65,12 +66,11 @@ class ResultTopicScan:
             )
         self._partitions_for = partitions_for
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers,
+            **client_options(kafka),
             client_id=f"{kafka.client_id}-result-scan",
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
-            request_timeout_ms=kafka.request_timeout_ms,
         )
 
     async def __aenter__(self) -> ResultTopicScan:

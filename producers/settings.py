@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.codec import ContentType
-from schemas.settings import KafkaSettings, RedisSettings
+from schemas.settings import InferqSettings, KafkaSettings, RedisSettings
 
 
-class ProducerSettings(BaseSettings):
+class ProducerSettings(InferqSettings):
     """How producers reach Kafka and Redis and how they encode requests."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="INFERQ_", env_nested_delimiter="__", extra="ignore", frozen=True
-    )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

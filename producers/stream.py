@@ -30,6 +30,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from producers.settings import ProducerSettings
 from schemas.codec import content_type_of, decode_result
 from schemas.errors import SchemaError
+from schemas.kafka import check_access, client_options
 from schemas.messages import InferenceResult
 from schemas.topics import TopicNames
 
@@ -95,18 +96,21 @@ class ResultStream:
             raise ValueError("give the models (or the topics) whose results to read")
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
+            **client_options(settings.kafka),
             client_id=f"{settings.kafka.client_id}-results",
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
-            request_timeout_ms=settings.kafka.request_timeout_ms,
         )
         self._acks: dict[TopicPartition, _Acks] = {}
         self._committer: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ResultStream:
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except KafkaError:
+            await check_access(self._settings.kafka)  # KafkaAccessError when refused
+            raise
         self._consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
         self._committer = asyncio.create_task(self._commit_loop(), name="inferq-stream-commit")
         return self

@@ -8,9 +8,11 @@ writes of many ids are split by slot (`slot_groups`, `mget`).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.asyncio.connection as redis_connection
@@ -18,7 +20,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
+    AuthorizationError,
     ClusterError,
+    NoPermissionError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -51,9 +56,21 @@ but for a torn connection (`is_unavailable`)."""
 _CONNECTION_MODULE = str(Path(redis_connection.__file__).resolve())
 
 
+ACCESS_REFUSED: tuple[type[Exception], ...] = (
+    AuthenticationError,  # WRONGPASS, or a password where none is set
+    AuthorizationError,
+    NoPermissionError,  # NOPERM: the ACL denies the command or the key
+)
+"""Errors that say Redis refuses who we are or what we may do (several are connection errors
+in redis-py): not unavailable, so never waited out as if it were down."""
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether Redis could not answer now (down, timed out, failing over, moving a slot, a
-    connection torn under the command): the same command may succeed later."""
+    connection torn under the command): the same command may succeed later. A refused
+    password or permission is not."""
+    if isinstance(error, ACCESS_REFUSED):
+        return False
     return isinstance(error, REDIS_UNAVAILABLE) or _torn_connection(error)
 
 
@@ -86,15 +103,56 @@ def _torn_connection(error: BaseException) -> bool:
 
 def connect(settings: RedisSettings) -> RedisClient:
     """A client for ``settings.url``: a `RedisCluster` that discovers the other nodes when
-    ``settings.cluster``, else a plain `Redis`. Connects on its first command."""
-    timeout_s = settings.socket_timeout_s
+    ``settings.cluster``, else a plain `Redis`. Connects on its first command.
+
+    ``username`` and ``password`` are used unless the URL names its own; a ``rediss://`` URL
+    connects with TLS, trusting ``ssl_ca_certs`` (and presenting ``ssl_certfile`` if given).
+    """
+    options = client_options(settings)
     if settings.cluster:
-        return RedisCluster.from_url(
-            settings.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-    return aioredis.Redis.from_url(
-        settings.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-    )
+        return RedisCluster.from_url(settings.url, **options)
+    return aioredis.Redis.from_url(settings.url, **options)
+
+
+def client_options(settings: RedisSettings) -> dict[str, Any]:
+    """The keyword arguments `connect` gives redis-py besides the URL."""
+    timeout_s = settings.socket_timeout_s
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if settings.username is not None:
+        options["username"] = settings.username
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if urlsplit(settings.url).scheme == "rediss":
+        options |= {
+            "ssl_ca_certs": None if settings.ssl_ca_certs is None else str(settings.ssl_ca_certs),
+            "ssl_certfile": None if settings.ssl_certfile is None else str(settings.ssl_certfile),
+            "ssl_keyfile": None if settings.ssl_keyfile is None else str(settings.ssl_keyfile),
+            "ssl_check_hostname": settings.ssl_check_hostname,
+        }
+    return options
+
+
+class RedisAccessError(ConnectionError):
+    """Redis answers but refuses us: a wrong user or password, a user the ACL does not let
+    run a command the worker needs, or a TLS handshake that failed; retrying cannot help."""
+
+    retriable = False
+
+
+async def check_access(client: RedisClient, *, url: str) -> None:
+    """Raise `RedisAccessError` if Redis refuses our credentials or TLS handshake (one PING).
+
+    url: for the message (give `RedisSettings.redacted_url`). A Redis that does not answer
+    (down, timed out) is no refusal: then this returns, and readiness reports it.
+    """
+    try:
+        await client.ping()
+    except ACCESS_REFUSED as error:
+        raise RedisAccessError(f"Redis at {url} refused us: {error}") from error
+    except (RedisConnectionError, OSError) as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(error, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+            raise RedisAccessError(f"Redis at {url}: TLS handshake failed: {error}") from error
 
 
 async def mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:

@@ -7,9 +7,8 @@ import socket
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.settings import KafkaSettings, RedisSettings
+from schemas.settings import InferqSettings, KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 
 
@@ -18,12 +17,8 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(InferqSettings):
     """Everything a worker process needs; nested fields use ``__`` (``INFERQ_KAFKA__...``)."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="INFERQ_", env_nested_delimiter="__", extra="ignore", frozen=True
-    )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

@@ -10,6 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
+from schemas.kafka import client_options
 from schemas.settings import KafkaSettings
 from schemas.topics import TopicNames, raise_topic_errors
 
@@ -25,11 +26,7 @@ async def ensure_topics(
     retention_ms: int | None = None,
 ) -> None:
     """Create each missing topic with ``partitions`` partitions; existing ones are untouched."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=kafka.client_id,
-        request_timeout_ms=kafka.request_timeout_ms,
-    )
+    admin = AIOKafkaAdminClient(**client_options(kafka), client_id=kafka.client_id)
     await admin.start()
     try:
         specs = [TopicSpec(name, partitions, replication_factor, retention_ms)

@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
+from schemas.kafka import client_options
 from schemas.messages import MODEL_NAME_PATTERN
 from schemas.topics import TopicNames
 from workers.settings import WorkerSettings
@@ -54,8 +55,7 @@ async def run(command: str, settings: WorkerSettings) -> int:
         retention_ms=settings.topic_retention_ms,
     )
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        request_timeout_ms=settings.kafka.request_timeout_ms,
+        **client_options(settings.kafka), client_id=f"{settings.kafka.client_id}-topics"
     )
     await admin.start()
     try:

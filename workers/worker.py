@@ -35,7 +35,10 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.codec import CodecLimits
 from schemas.errors import ErrorCode
+from schemas.kafka import check_access as check_kafka_access
+from schemas.kafka import client_options
 from schemas.messages import Timing, now_ms
+from schemas.redis import check_access as check_redis_access
 from schemas.redis import connect as connect_redis
 from schemas.topics import TopicNames
 from workers.admission import Admission
@@ -162,7 +165,7 @@ class Worker:
 
         def new_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
-                bootstrap_servers=s.kafka.bootstrap_servers,
+                **client_options(s.kafka),
                 client_id=f"{s.kafka.client_id}-{s.worker_id}",
                 acks="all",
                 enable_idempotence=True,
@@ -171,16 +174,13 @@ class Worker:
                 linger_ms=0,
                 max_batch_size=512 * 1024,
                 max_request_size=s.max_message_bytes,
-                request_timeout_ms=s.kafka.request_timeout_ms,
             )
 
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            client_id=f"{s.kafka.client_id}-{s.worker_id}-admin",
-            request_timeout_ms=s.kafka.request_timeout_ms,
+            **client_options(s.kafka), client_id=f"{s.kafka.client_id}-{s.worker_id}-admin"
         )
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka.bootstrap_servers,
+            **client_options(s.kafka),
             client_id=f"{s.kafka.client_id}-{s.worker_id}",
             group_id=s.group_id,
             group_instance_id=group_instance_id(s),
@@ -199,7 +199,6 @@ class Worker:
             # The broker answers a fetch as soon as it has data; with none it holds the
             # request this long, and a record arriving meanwhile waits for the next round.
             fetch_max_wait_ms=s.fetch_max_wait_ms,
-            request_timeout_ms=s.kafka.request_timeout_ms,
             # Notice new partitions (and topics created after start) within a minute.
             metadata_max_age_ms=60_000,
         )
@@ -216,7 +215,12 @@ class Worker:
         )
         self._consumer = consumer
         try:
-            await admin.start()
+            try:
+                await admin.start()
+            except KafkaError:
+                await check_kafka_access(s.kafka)  # a refusal says so, not "cannot bootstrap"
+                raise
+            await check_redis_access(redis, url=s.redis.redacted_url)
             if s.create_topics:
                 await create_missing(admin, self._topic_specs(self._repository.names()))
             else:
