@@ -17,7 +17,7 @@ from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
     KafkaError,
-    SaslAuthenticationFailedError,
+    SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
@@ -25,7 +25,7 @@ from aiokafka.helpers import create_ssl_context
 from schemas.settings import KafkaSettings
 
 _REFUSALS: tuple[type[BaseException], ...] = (
-    SaslAuthenticationFailedError,
+    SaslAuthenticationFailed,
     AuthenticationFailedError,
     IllegalSaslStateError,
     UnsupportedSaslMechanismError,

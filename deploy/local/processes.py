@@ -111,11 +111,11 @@ def terminate(pid_file: Path, timeout_s: float) -> None:
 
 
 def redis_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether redis-server at host:port answers PING with PONG."""
+    """Whether redis-server at host:port answers PING: PONG, or NOAUTH where ACLs are on."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from deploy.local.processes import (
@@ -68,6 +69,7 @@ class RedisServer:
         start_timeout_s: float = 30.0,
         stop_timeout_s: float = 30.0,
         cluster_bus_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.run_dir = run_dir
         self.host = host
@@ -75,6 +77,7 @@ class RedisServer:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.cluster_bus_port = cluster_bus_port
+        self.extra_args = list(extra_args)  # more config directives (ACL users, TLS)
         self.log = run_dir / "redis.log"
         self.pid_file = run_dir / "redis.pid"
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -104,6 +107,7 @@ class RedisServer:
             "--protected-mode", "yes",
             "--daemonize", "no",
             *cluster,
+            *self.extra_args,
         ]  # fmt: skip
 
     def spawn(self) -> None:

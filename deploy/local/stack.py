@@ -233,6 +233,7 @@ class LocalStack:
                 f"--cluster-id={cluster_id}",  # an id may start with "-": not a separate word
                 "--config", str(properties),
                 "--standalone",
+                *self._format_options(),
             ]  # fmt: skip
             result = subprocess.run(format_command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
@@ -244,7 +245,14 @@ class LocalStack:
         ]  # fmt: skip
         self._processes.append(spawn(command, self.kafka_log, self.kafka_pid))
 
+    def _format_options(self) -> list[str]:
+        """More options of `kafka-storage format` (SCRAM users, for the secure stack)."""
+        return []
+
     def _server_properties(self) -> str:
+        return "".join(f"{key}={value}\n" for key, value in self._server_settings().items())
+
+    def _server_settings(self) -> dict[str, str]:
         c = self.config
         settings = {
             "process.roles": "broker,controller",
@@ -269,7 +277,7 @@ class LocalStack:
             # Request and record limits, and the threads the JVM's memory is sized for.
             **c.broker_limits.server_properties(),
         }
-        return "".join(f"{key}={value}\n" for key, value in settings.items())
+        return settings
 
     def _wait_ready(self) -> None:
         c = self.config
