@@ -29,7 +29,13 @@ from producers.datasets import Dataset, output_suffix, write_results
 from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_result
 from schemas.errors import SchemaError
-from schemas.messages import InferenceRequest, InferenceResult, now_ms
+from schemas.messages import (
+    InferenceRequest,
+    InferenceResult,
+    check_model_name,
+    check_model_version,
+    now_ms,
+)
 from schemas.topics import TopicNames
 
 REDIS_LOOKUP_CHUNK: Final = 10_000
@@ -51,6 +57,11 @@ class BackfillPlan:
     """Rows published and not yet answered, at most."""
     timeout_s: float = 300.0
     """Longest one row may wait for its answer (then the run fails, and can be resumed)."""
+
+    def __post_init__(self) -> None:
+        check_model_name(self.model)
+        if self.version is not None:
+            check_model_version(self.version)
 
     def request_id(self, row: int) -> str:
         return f"{self.run_id}:{row}"

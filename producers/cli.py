@@ -27,6 +27,7 @@ from producers.client import InferenceClient, InferenceClientError, ResultTimeou
 from producers.datasets import open_dataset
 from producers.load import publish, random_requests
 from producers.settings import ProducerSettings
+from schemas.messages import model_name_argument, version_argument
 
 console = Console()
 
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferq-produce", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     send_parser = commands.add_parser("send", help="publish requests with random FP32 inputs")
-    send_parser.add_argument("--model", required=True)
-    send_parser.add_argument("--version", type=int, default=None)
+    send_parser.add_argument("--model", required=True, type=model_name_argument)
+    send_parser.add_argument("--version", type=version_argument, default=None)
     send_parser.add_argument("--input", default="input", help="input tensor name")
     send_parser.add_argument("--shape", required=True, help="one row's shape, e.g. 784 or 3,64,64")
     send_parser.add_argument("--count", type=int, default=1)
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     send_parser.add_argument("--wait", action="store_true", help="wait for every result")
     send_parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
     fill = commands.add_parser("backfill", help="answer every row of a dataset, in order")
-    fill.add_argument("--model", required=True)
-    fill.add_argument("--version", type=int, default=None)
+    fill.add_argument("--model", required=True, type=model_name_argument)
+    fill.add_argument("--version", type=version_argument, default=None)
     fill.add_argument("--input", type=Path, required=True, help=".npy, .npz, .jsonl or .parquet")
     fill.add_argument("--output", type=Path, help="default: {input stem}.results.{npz|jsonl|...}")
     fill.add_argument("--run", required=True, help="run id: the same id resumes the run")
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     fill.add_argument("--quiet", action="store_true", help="only the final summary (JSON)")
     fill.add_argument("--json-progress", action="store_true", help="JSON lines even on a tty")
     one = commands.add_parser("publish", help="run one request and print its result")
-    one.add_argument("--model", required=True)
-    one.add_argument("--version", type=int, default=None)
+    one.add_argument("--model", required=True, type=model_name_argument)
+    one.add_argument("--version", type=version_argument, default=None)
     one.add_argument("--input", type=Path, required=True, help=".npy, .npz or a JSON object")
     one.add_argument("--input-name", default="input", help="the input's name, for .npy")
     one.add_argument("--timeout", type=float, default=30.0)

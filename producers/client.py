@@ -29,7 +29,13 @@ from producers.settings import ProducerSettings
 from schemas.codec import ContentType, decode_result, encode_request
 from schemas.errors import SchemaError
 from schemas.kafka import KafkaAccessError, check_access, client_options
-from schemas.messages import InferenceRequest, InferenceResult, now_ms
+from schemas.messages import (
+    InferenceRequest,
+    InferenceResult,
+    check_model_name,
+    check_model_version,
+    now_ms,
+)
 from schemas.redis import connect as connect_redis
 from schemas.redis import is_unavailable, mget
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames
@@ -218,6 +224,9 @@ class InferenceClient:
         deadline: seconds from now after which the worker answers `expired` without running it.
         request_id: the id (default: a random one); a retry with the same id is answered once.
         """
+        check_model_name(model)  # InvalidModelNameError, before anything is built
+        if version is not None:
+            check_model_version(version)
         now = now_ms()
         return InferenceRequest(
             id=request_id or uuid.uuid4().hex,
@@ -281,6 +290,7 @@ class InferenceClient:
         back as a `Prediction` whose `error` says why. No result within ``timeout_s``:
         ResultTimeoutError.
         """
+        check_model_name(model)  # before the reply topic is set up for it
         request = self.request(
             model, inputs, version=version, deadline=deadline, reply_to=await self._reply_to(),
             parameters=parameters, priority=priority, request_id=request_id,
@@ -409,7 +419,7 @@ class InferenceClient:
         A record larger than a batch waits until the large records before it are acknowledged,
         as far as they would not fit in one request with it (`max_request_bytes`).
         """
-        topic = self._topics.requests(request.model)
+        topic = self._topics.requests(check_model_name(request.model))
         await self._check_topic(topic, request.model)
         value = encode_request(request, self._settings.content_type)
         record_key = key if key is not None else request.id.encode()

@@ -76,6 +76,11 @@ class RequestValidationError(SchemaError):
     code = ErrorCode.VALIDATION_ERROR
 
 
+class InvalidModelNameError(RequestValidationError, ValueError):
+    """A model name or version that is not one: a name must not be able to name a path
+    (`..`, `a/b`, `.hidden`, `%2e%2e`), and a version is a positive integer."""
+
+
 class PayloadTooLargeError(SchemaError):
     """The message, a tensor's rank or element count, or a count of items exceeds the limits."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from schemas.messages import check_model_name, check_model_version
 from workers.checksums import write_checksums
 from workers.formats import ModelFormat
 from workers.models import (
@@ -234,6 +235,9 @@ def write_version(
     """
     if fmt.needs_factory and factory is None:
         raise ValueError(f"format {fmt.value} stores weights only: give the factory")
+    check_model_name(name)  # the directory root / name must be inside the repository
+    if version is not None:
+        check_model_version(version)
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
     if manifest is not None:

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from schemas.messages import model_name_argument
 from workers.authoring import config_from_example, example_inputs, write_version
 from workers.errors import ModelLoadError
 from workers.formats import ModelFormat, build_from_factory, detect_format
@@ -49,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add = commands.add_parser("add", help="write the next version of a model")
     add.add_argument("repository", type=Path)
-    add.add_argument("name", help="model name (a letter or digit, then [A-Za-z0-9._-])")
+    add.add_argument(
+        "name", type=model_name_argument, help="model name (a letter or digit, then [A-Za-z0-9._-])"
+    )
     source = add.add_mutually_exclusive_group(required=True)
     source.add_argument("--factory", help="package.module:callable that builds the nn.Module")
     source.add_argument("--file", type=Path, help="a torch.export program (.pt2) to re-export")

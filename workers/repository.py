@@ -17,7 +17,6 @@ the last of them is answered.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.messages import MODEL_NAME_PATTERN
+from schemas.messages import is_model_name
 from workers.checksums import CHECKSUMS_FILENAME, verify_checksums
 from workers.errors import (
     ModelConfigError,
@@ -53,7 +52,6 @@ from workers.models import (
 log = structlog.get_logger(__name__)
 
 MANIFEST_FILENAME = "model.json"
-_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 class VersionPolicy(BaseModel):
@@ -225,7 +223,7 @@ def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[st
             continue
         if not model_dir.is_dir():
             continue
-        if not _MODEL_NAME.match(name):
+        if not is_model_name(name):
             log.warning("ignoring repository entry", path=str(model_dir), reason="bad model name")
             continue
         manifest_error: str | None = None

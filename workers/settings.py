@@ -6,8 +6,9 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from schemas.messages import is_model_name
 from schemas.settings import InferqSettings, KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 
@@ -105,6 +106,14 @@ class WorkerSettings(InferqSettings):
     log_json: bool | None = Field(
         default=None, description="JSON logs; default: JSON unless stderr is a terminal."
     )
+
+    @field_validator("served_models")
+    @classmethod
+    def _served_models_are_model_names(cls, value: str) -> str:
+        for name in value.split(","):
+            if name.strip() and not is_model_name(name.strip()):
+                raise ValueError(f"{name.strip()!r} is not a model name: it cannot name a path")
+        return value
 
     @property
     def reply_topic_prefix_list(self) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from pathlib import Path
 
@@ -23,13 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.kafka import client_options
-from schemas.messages import MODEL_NAME_PATTERN
+from schemas.messages import is_model_name
 from schemas.topics import TopicNames
 from workers.settings import WorkerSettings
 from workers.topics import create_missing, deployment_topics, inspect_topics
 
 console = Console(width=None if sys.stdout.isatty() else 200)
-_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def repository_models(root: Path) -> list[str]:
@@ -40,7 +38,7 @@ def repository_models(root: Path) -> list[str]:
         entry.name
         for entry in root.iterdir()
         if entry.is_dir()
-        and _MODEL_NAME.match(entry.name)
+        and is_model_name(entry.name)
         and any(child.is_dir() and child.name.isdigit() for child in entry.iterdir())
     )
 
