@@ -32,10 +32,9 @@ from schemas.errors import SchemaError
 from schemas.messages import (
     InferenceRequest,
     InferenceResult,
-    check_model_name,
-    check_model_version,
     now_ms,
 )
+from schemas.names import check_model_name, check_model_version
 from schemas.topics import TopicNames
 
 REDIS_LOOKUP_CHUNK: Final = 10_000

@@ -27,7 +27,7 @@ from producers.client import InferenceClient, InferenceClientError, ResultTimeou
 from producers.datasets import open_dataset
 from producers.load import publish, random_requests
 from producers.settings import ProducerSettings
-from schemas.messages import model_name_argument, version_argument
+from schemas.names import model_name_argument, version_argument
 
 console = Console()
 

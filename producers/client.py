@@ -32,10 +32,9 @@ from schemas.kafka import KafkaAccessError, check_access, client_options
 from schemas.messages import (
     InferenceRequest,
     InferenceResult,
-    check_model_name,
-    check_model_version,
     now_ms,
 )
+from schemas.names import check_model_name, check_model_version
 from schemas.redis import connect as connect_redis
 from schemas.redis import is_unavailable, mget
 from schemas.topics import HEADER_CONTENT_TYPE, TopicNames

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.messages import check_model_name, check_model_version
+from schemas.names import check_model_name, check_model_version
 from workers.checksums import write_checksums
 from workers.formats import ModelFormat
 from workers.models import (

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from schemas.messages import model_name_argument
+from schemas.names import model_name_argument
 from workers.authoring import config_from_example, example_inputs, write_version
 from workers.errors import ModelLoadError
 from workers.formats import ModelFormat, build_from_factory, detect_format

@@ -30,7 +30,7 @@ import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.messages import is_model_name
+from schemas.names import is_model_name
 from workers.checksums import CHECKSUMS_FILENAME, verify_checksums
 from workers.errors import (
     ModelConfigError,

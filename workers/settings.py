@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from schemas.messages import is_model_name
+from schemas.names import is_model_name
 from schemas.settings import InferqSettings, KafkaSettings, RedisSettings
 from schemas.topics import TopicNames
 

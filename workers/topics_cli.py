@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.kafka import client_options
-from schemas.messages import is_model_name
+from schemas.names import is_model_name
 from schemas.topics import TopicNames
 from workers.settings import WorkerSettings
 from workers.topics import create_missing, deployment_topics, inspect_topics

@@ -16,12 +16,8 @@ from producers.client import InferenceClient
 from producers.settings import ProducerSettings
 from schemas.codec import CodecLimits, decode_result
 from schemas.errors import ErrorCode, InvalidModelNameError
-from schemas.messages import (
-    InferenceRequest,
-    check_model_name,
-    check_model_version,
-    is_model_name,
-)
+from schemas.messages import InferenceRequest
+from schemas.names import check_model_name, check_model_version, is_model_name
 from schemas.tensors import Tensor
 from schemas.topics import TopicNames
 from workers import model_cli
