@@ -109,6 +109,7 @@ class ResultStream:
         try:
             await self._consumer.start()
         except KafkaError:
+            await self._consumer.stop()
             await check_access(self._settings.kafka)  # KafkaAccessError when refused
             raise
         self._consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
