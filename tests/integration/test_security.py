@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from aiokafka.errors import KafkaError
 from redis.exceptions import NoPermissionError
 
 from deploy.local.processes import free_port, free_ports
@@ -41,6 +42,8 @@ from tests.integration.worker_harness import (
     wait_until_ready,
 )
 from workers.example_models import write_example_models
+from workers.settings import WorkerSettings
+from workers.topics_cli import run as run_topics_cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.timeout(300)]
 
@@ -234,6 +237,26 @@ async def test_worker_and_client_answer_over_sasl_ssl_with_least_privilege_redis
         assert await redis_admin.exists(topics.result_key(request.id))
         assert await redis_admin.exists(topics.digest_key(request.id))
     assert await denied_by_acl(redis_admin, secure.worker_user, secure.client_user) == []
+
+
+async def test_inferq_topics_creates_and_checks_over_sasl_ssl(
+    secure: SecureDeployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "alpha" / "1").mkdir(parents=True)
+    settings = WorkerSettings(kafka=secure.kafka(), models_dir=tmp_path, topic_partitions=2)
+    await bounded(run_topics_cli("create", settings), what="inferq-topics create", timeout_s=90)
+    created = TopicNames(prefix=secure.prefix).requests("alpha")
+    assert f"created {created}" in capsys.readouterr().out
+
+    for _ in range(120):  # a new topic reaches the brokers' metadata a little later
+        if await bounded(run_topics_cli("check", settings), what="check", timeout_s=90) == 0:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        raise AssertionError("inferq-topics check never found the topics it created")
+    refused = settings.model_copy(update={"kafka": secure.kafka(password="not-the-password")})
+    with pytest.raises(KafkaError):
+        await bounded(run_topics_cli("check", refused), what="the refusal", timeout_s=90)
 
 
 async def test_the_redis_acl_keeps_each_user_to_its_own_keys(secure: SecureDeployment) -> None:
