@@ -28,7 +28,7 @@ from producers.client import BrokerRefusedError, InferenceClient
 from producers.settings import ProducerSettings
 from producers.stream import ResultStream
 from schemas.kafka import KafkaAccessError
-from schemas.messages import InferenceRequest
+from schemas.messages import InferenceRequest, InferenceResult
 from schemas.redis import RedisAccessError
 from schemas.settings import KafkaSettings, RedisSettings
 from schemas.tensors import Tensor
@@ -355,6 +355,19 @@ async def until_ready(http_port: int, worker: subprocess.Popen[bytes]) -> None:
         await asyncio.sleep(0.2)
 
 
+async def results_on_topic(secure: SecureDeployment, count: int) -> list[InferenceResult]:
+    """The first ``count`` results on `{prefix}.results.mlp`, read over SASL_SSL."""
+    found: list[InferenceResult] = []
+    settings = secure.producer_settings()
+    async with ResultStream(settings, models=["mlp"], group_id=f"{secure.prefix}-scan") as stream:
+        async for delivery in stream:
+            found.append(delivery.result)
+            delivery.ack()
+            if len(found) == count:
+                break
+    return found
+
+
 async def test_planted_secrets_reach_no_log_metric_or_result(
     secure: SecureDeployment, redis_admin: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -385,6 +398,9 @@ async def test_planted_secrets_reach_no_log_metric_or_result(
         async with InferenceClient(settings=secure.producer_settings()) as client:
             await client.submit_many([*good, bad])
             results = await client.results([r.id for r in [*good, bad]], timeout_s=90)
+        on_topic = await bounded(
+            results_on_topic(secure, len(good) + 1), what="the result topic", timeout_s=90
+        )
         metrics = await asyncio.to_thread(
             lambda: (
                 urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10)
@@ -395,6 +411,7 @@ async def test_planted_secrets_reach_no_log_metric_or_result(
     finally:
         assert stop_process(worker) == 0
     assert not results[bad.id].ok
+    assert {result.id for result in on_topic} == {r.id for r in [*good, bad]}
     assert "inferq_requests_total" in metrics
     text = log_path.read_text(errors="replace")
     assert "worker_started" in text
@@ -407,6 +424,7 @@ async def test_planted_secrets_reach_no_log_metric_or_result(
         text,
         metrics,
         *(repr(result) for result in results.values()),
+        *(repr(result) for result in on_topic),
         *(value.decode(errors="replace") for value in cached if value is not None),
         repr(secure.producer_settings()),
         str(secure.producer_settings()),
