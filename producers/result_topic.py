@@ -70,6 +70,7 @@ class ResultTopicScan:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
+            isolation_level="read_committed",  # see producers/replies.py
             request_timeout_ms=kafka.request_timeout_ms,
         )
 

@@ -100,6 +100,7 @@ class ResultStream:
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
+            isolation_level="read_committed",  # see producers/replies.py
             request_timeout_ms=settings.kafka.request_timeout_ms,
         )
         self._acks: dict[TopicPartition, _Acks] = {}
