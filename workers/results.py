@@ -351,7 +351,7 @@ class ResultWriter:
         return replies
 
     async def _write_kafka(
-        self, answers: Sequence[Answer], offsets: OffsetsToCommit | None
+        self, answers: Sequence[Answer], offsets: OffsetsToCommit | None = None
     ) -> list[Answer]:
         """Send until acknowledged; returns the answers as they reached Kafka (or gave up)."""
         return await self._deliver([Outgoing(answer) for answer in answers])

@@ -62,7 +62,7 @@ class TransactionalResultWriter(ResultWriter):
         self._group_id = group_id
 
     async def _write_kafka(
-        self, answers: Sequence[Answer], offsets: OffsetsToCommit | None
+        self, answers: Sequence[Answer], offsets: OffsetsToCommit | None = None
     ) -> list[Answer]:
         pending = [Outgoing(answer) for answer in answers]
         backoff = Backoff(max_s=self._max_backoff_s)
