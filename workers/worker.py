@@ -675,7 +675,8 @@ class Worker:
             sent: dict[Any, int] = {}
 
             def offsets() -> dict[Any, int]:
-                # Called inside the transaction, just before it commits.
+                # Called inside the transaction, just before it commits (again if retried).
+                sent.clear()
                 sent.update(self._tracker.committable_with(completions))
                 return sent
 
