@@ -165,3 +165,13 @@ async def test_a_producer_broken_beyond_renewing_stops_the_transactional_writer(
     with pytest.raises(KafkaError, match="keeps failing"):
         await transactional_writer(producer)._write_kafka(answers("results", 1), lambda: {})
     assert producer.commits == 0
+
+
+async def test_a_missing_reply_topic_falls_back_inside_the_same_transaction() -> None:
+    producer = TransactionalProducer(partitions=1, failures={})
+    group = answers("inferq.replies.gone", 2, fallback_topic="results")
+    sent = await transactional_writer(producer)._write_kafka(group, lambda: {"p": 2})
+    assert [answer.topic for answer in sent] == ["results", "results"]
+    assert committed_keys(producer) == [b"id-0", b"id-1"]
+    assert producer.commits == 1
+    assert producer.committed_offsets == {"p": 2}
