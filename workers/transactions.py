@@ -22,17 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import OffsetAndMetadata
 
+from schemas.redis import RedisClient
+from workers.answers import Answers
+from workers.catalog import TopicCatalog
 from workers.errors import ProducerFencedError
-from workers.metrics import Sink
+from workers.metrics import Sink, WorkerMetrics
 from workers.records import Answer
-from workers.results import Backoff, OffsetsToCommit, Outgoing, ResultWriter
+from workers.results import Backoff, OffsetsToCommit, Outgoing, ProducerFactory, ResultWriter
 
 log = structlog.get_logger(__name__)
 
@@ -55,10 +57,31 @@ class TransactionalResultWriter(ResultWriter):
     every producer this writer builds, so that each renewal fences the one before it.
     """
 
-    def __init__(self, *, group_id: str, **kwargs: Any) -> None:
-        """group_id: the consumer group whose offsets the transactions commit; the other
-        arguments are `ResultWriter`'s."""
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        group_id: str,
+        producer_factory: ProducerFactory,
+        redis: RedisClient,
+        catalog: TopicCatalog,
+        answers: Answers,
+        result_ttl_s: int,
+        metrics: WorkerMetrics,
+        max_backoff_s: float,
+        max_record_bytes: int,
+    ) -> None:
+        """group_id: the consumer group whose offsets the transactions commit.
+
+        producer_factory: builds an unstarted producer with this worker's transactional id.
+        The other arguments are `ResultWriter`'s.
+        """
+        super().__init__(
+            producer_factory=producer_factory, redis=redis, catalog=catalog, answers=answers,
+            result_ttl_s=result_ttl_s, metrics=metrics, max_backoff_s=max_backoff_s,
+            max_record_bytes=max_record_bytes,
+        )  # fmt: skip
+        if not group_id:
+            raise ValueError("group_id must name the consumer group whose offsets commit")
         self._group_id = group_id
 
     async def _write_kafka(

@@ -213,20 +213,20 @@ class Worker:
             metadata_max_age_ms=60_000,
         )
         redis = connect_redis(s.redis)
-        writer_arguments: dict[str, Any] = {
-            "producer_factory": new_producer,
-            "redis": redis,
-            "catalog": TopicCatalog(admin=admin),
-            "answers": self._answer_builder,
-            "result_ttl_s": s.redis.result_ttl_s,
-            "metrics": self._metrics,
-            "max_backoff_s": s.write_retry_max_backoff_s,
-            "max_record_bytes": s.max_message_bytes,
-        }
-        writer = (
-            TransactionalResultWriter(group_id=s.group_id, **writer_arguments)
+        writer_class = (
+            partial(TransactionalResultWriter, group_id=s.group_id)
             if s.exactly_once
-            else ResultWriter(**writer_arguments)
+            else ResultWriter
+        )
+        writer = writer_class(
+            producer_factory=new_producer,
+            redis=redis,
+            catalog=TopicCatalog(admin=admin),
+            answers=self._answer_builder,
+            result_ttl_s=s.redis.result_ttl_s,
+            metrics=self._metrics,
+            max_backoff_s=s.write_retry_max_backoff_s,
+            max_record_bytes=s.max_message_bytes,
         )
         self._consumer = consumer
         try:
