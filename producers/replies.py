@@ -100,6 +100,9 @@ class ReplyListener:
             client_id=f"{self._kafka.client_id}-replies",
             group_id=None,
             enable_auto_commit=False,
+            # Results of exactly-once workers count once their transaction commits (an
+            # aborted one's are never seen); without transactions this reads the same.
+            isolation_level="read_committed",
             fetch_max_wait_ms=FETCH_WAIT_MS,
         )
         await consumer.start()

@@ -71,6 +71,7 @@ class ResultTopicScan:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
+            isolation_level="read_committed",  # see producers/replies.py
         )
 
     async def __aenter__(self) -> ResultTopicScan:

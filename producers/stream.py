@@ -101,6 +101,7 @@ class ResultStream:
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
+            isolation_level="read_committed",  # see producers/replies.py
         )
         self._acks: dict[TopicPartition, _Acks] = {}
         self._committer: asyncio.Task[None] | None = None

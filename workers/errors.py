@@ -122,3 +122,11 @@ class DeviceUnavailableError(WorkerError):
 
 class MissingTopicsError(WorkerError):
     """Topics the worker needs do not exist, and it was told not to create them."""
+
+
+class ProducerFencedError(WorkerError):
+    """Another producer took this worker's transactional id (a successor with the same
+    static member id), or the broker aborted a transaction that stayed open too long: this
+    worker must stop, uncommitted, and its records are answered by whoever owns them now."""
+
+    code = ErrorCode.INTERNAL

@@ -10,7 +10,7 @@ and for the hot-path benchmark, which measures the worker's own Python per reque
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -93,6 +93,10 @@ class MemoryWriter:
     digests: dict[str, bytes] = field(default_factory=dict)
     sent: list[Answer] = field(default_factory=list)
     """Every record written, in order (the result and dead-letter topics)."""
+    committed: dict[Any, int] = field(default_factory=dict)
+    """Offsets committed with the answers (exactly-once), per partition."""
+    transactions: int = 0
+    """Writes that committed offsets with their answers."""
 
     async def settled(self, addressees: Sequence[Addressee]) -> list[Answer | None]:
         settled: list[Answer | None] = []
@@ -106,7 +110,14 @@ class MemoryWriter:
                 settled.append(self.answers.cached(to, value))
         return settled
 
-    async def write(self, answers: Sequence[Answer]) -> list[Answer]:
+    async def write(
+        self,
+        answers: Sequence[Answer],
+        *,
+        offsets: Callable[[], Mapping[Any, int]] | None = None,
+    ) -> list[Answer]:
+        """Keep the answers; with ``offsets``, commit them with the answers, as a
+        transaction would."""
         written = []
         for answer in answers:
             request_id = answer.request_id
@@ -119,4 +130,7 @@ class MemoryWriter:
                     answer = self.answers.cached(Addressee.of(answer), earlier)
             written.append(answer)
         self.sent.extend(written)
+        if offsets is not None:
+            self.transactions += 1
+            self.committed.update(offsets())
         return written

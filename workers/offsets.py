@@ -216,6 +216,30 @@ class OffsetTracker(Generic[P]):
             and (state.committed is None or state.watermark > state.committed)
         }
 
+    def committable_with(
+        self, completions: Iterable[tuple[PartitionOffsets[P], int]]
+    ) -> dict[P, int]:
+        """`committable` as it would be once `completions` (lease, offset) are complete too.
+
+        Changes no state: a transaction sends these offsets with the answers of the
+        completions, and only once it commits are they completed and marked committed.
+        Revoked leases are left out (their partitions are someone else's now).
+        """
+        extra: dict[PartitionOffsets[P], set[int]] = {}
+        for lease, offset in completions:
+            if not lease.revoked:
+                extra.setdefault(lease, set()).add(offset)
+        offsets = self.committable()
+        for lease, added in extra.items():
+            watermark = lease.watermark
+            for offset in lease.order:
+                if offset not in added and offset not in lease.done:
+                    break
+                watermark = offset + 1
+            if watermark is not None and (lease.committed is None or watermark > lease.committed):
+                offsets[lease.partition] = watermark
+        return offsets
+
     def mark_committed(self, offsets: Mapping[P, int]) -> None:
         """Record that `offsets` were committed; partitions no longer tracked are ignored."""
         for partition, offset in offsets.items():

@@ -7,7 +7,7 @@ consumer and the Redis-then-Kafka `ResultWriter`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from workers.records import Addressee, Answer
@@ -62,6 +62,16 @@ class AnswerWriter(Protocol):
         """For each request, the answer it gets without running (its id is settled), or None."""
         ...
 
-    async def write(self, answers: Sequence[Answer]) -> list[Answer]:
-        """Write every answer durably; return them as sent (earlier winners, stand-ins)."""
+    async def write(
+        self,
+        answers: Sequence[Answer],
+        *,
+        offsets: Callable[[], Mapping[Any, int]] | None = None,
+    ) -> list[Answer]:
+        """Write every answer durably; return them as sent (earlier winners, stand-ins).
+
+        offsets: a writer that commits transactionally (exactly-once) calls it just before
+        committing, for the consumer offsets to commit atomically with the answers; the
+        others ignore it, and the worker commits through the consumer.
+        """
         ...

@@ -22,7 +22,7 @@ import dataclasses
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,9 @@ _STORED, _EARLIER, _TAKEN = 0, 1, 2
 _PARTITIONER = DefaultPartitioner()
 
 ProducerFactory = Callable[[], AIOKafkaProducer]
+OffsetsToCommit = Callable[[], Mapping[Any, int]]
+"""Called by a transactional writer just before it commits: the consumer offsets (per
+partition, the next record to read) to commit atomically with the group's records."""
 
 
 class Backoff:
@@ -112,7 +115,7 @@ class Backoff:
 
 
 @dataclass(eq=False, slots=True)
-class _Outgoing:
+class Outgoing:
     """An answer on its way to Kafka, and what its earlier rounds taught."""
 
     answer: Answer
@@ -127,7 +130,7 @@ class _Outgoing:
 class _Round:
     """The batches of one sending round and their outcomes."""
 
-    items: list[_Outgoing]
+    items: list[Outgoing]
     errors: list[BaseException | None] = field(default_factory=list)
 
 
@@ -226,8 +229,13 @@ class ResultWriter:
 
     # --- writing ------------------------------------------------------------------------------
 
-    async def write(self, answers: Sequence[Answer]) -> list[Answer]:
+    async def write(
+        self, answers: Sequence[Answer], *, offsets: OffsetsToCommit | None = None
+    ) -> list[Answer]:
         """Write every answer; returns them as sent (earlier winners' values, stand-ins).
+
+        offsets: ignored here, where the consumer commits offsets itself; a
+            `workers.transactions.TransactionalResultWriter` commits them with the records.
 
         Raises when the producer is broken beyond renewing: the worker then stops without
         committing, and the records are delivered again.
@@ -236,7 +244,7 @@ class ResultWriter:
         answers = await self._write_redis(answers)
         written = time.perf_counter()
         self._metrics.result_write_seconds.labels(sink=Sink.REDIS.value).observe(written - started)
-        sent = await self._write_kafka(answers)
+        sent = await self._write_kafka(answers, offsets)
         self._metrics.result_write_seconds.labels(sink=Sink.KAFKA.value).observe(
             time.perf_counter() - written
         )
@@ -342,9 +350,15 @@ class ResultWriter:
                     await backoff.sleep()
         return replies
 
-    async def _write_kafka(self, answers: Sequence[Answer]) -> list[Answer]:
+    async def _write_kafka(
+        self, answers: Sequence[Answer], offsets: OffsetsToCommit | None = None
+    ) -> list[Answer]:
         """Send until acknowledged; returns the answers as they reached Kafka (or gave up)."""
-        pending = [_Outgoing(answer) for answer in answers]
+        return await self._deliver([Outgoing(answer) for answer in answers])
+
+    async def _deliver(self, pending: list[Outgoing]) -> list[Answer]:
+        """Send ``pending`` until each is acknowledged or given up, learning on the items
+        (stand-ins, batches of their own, rounds waited for a topic) as refusals come."""
         delivered: list[Answer] = []
         backoff = Backoff(max_s=self._max_backoff_s)
         while pending:
@@ -378,7 +392,9 @@ class ResultWriter:
                     item.alone = True
                 retry.append(item)
             if renew:
-                await self._renew_producer(first_error)
+                await self._sequence_broken(
+                    [error for error in outcome.errors if error is not None]
+                )
             if retry:
                 self._metrics.write_retries.labels(sink=Sink.KAFKA.value).inc(len(retry))
                 log.warning("kafka_write_failed", answers=len(retry), error=repr(first_error))
@@ -387,15 +403,15 @@ class ResultWriter:
         return delivered
 
     async def _fit(
-        self, pending: list[_Outgoing], delivered: list[Answer]
-    ) -> tuple[list[_Outgoing], list[_Outgoing]]:
+        self, pending: list[Outgoing], delivered: list[Answer]
+    ) -> tuple[list[Outgoing], list[Outgoing]]:
         """The records to send this round and those waiting for their topic to exist.
 
         Each record sent is addressed to an existing topic and small enough for it; a record
         that cannot be is given up (a result is in Redis still).
         """
-        ready: list[_Outgoing] = []
-        waiting: list[_Outgoing] = []
+        ready: list[Outgoing] = []
+        waiting: list[Outgoing] = []
         limits: dict[str, int | None] = {}
         for item in pending:
             while True:
@@ -440,7 +456,7 @@ class ResultWriter:
                 log.warning("topic_config_read_failed", topic=topic, error=repr(error))
                 await backoff.sleep()
 
-    def _shrink(self, item: _Outgoing, *, reason: str) -> bool:
+    def _shrink(self, item: Outgoing, *, reason: str) -> bool:
         """Replace the item's answer by its smaller stand-in; False when there is none."""
         original = item.answer
         smaller = self._answers.shrunk(original, reason=reason)
@@ -452,7 +468,7 @@ class ResultWriter:
         item.answer = smaller
         return True
 
-    def _give_up(self, item: _Outgoing, delivered: list[Answer], *, reason: str) -> None:
+    def _give_up(self, item: Outgoing, delivered: list[Answer], *, reason: str) -> None:
         """Move the partition on past a record Kafka can never take: a result is in Redis
         still; a dead letter's loss is logged with where it was read."""
         answer = item.answer
@@ -460,6 +476,10 @@ class ResultWriter:
                   request_id=answer.request_id, reason=reason)  # fmt: skip
         self._metrics.undeliverable.labels(reason=reason).inc()
         delivered.append(answer)
+
+    async def _sequence_broken(self, errors: list[BaseException]) -> None:
+        """A refused batch broke the producer's sequence: renew the producer, then retry."""
+        await self._renew_producer(errors[0] if errors else None)
 
     async def _renew_producer(self, cause: BaseException | None) -> None:
         """Replace the producer by a fresh one (a new producer id, sequences from zero)."""
@@ -487,7 +507,7 @@ class ResultWriter:
             else:
                 self._producer = producer
 
-    async def _send_round(self, items: list[_Outgoing]) -> _Round:
+    async def _send_round(self, items: list[Outgoing]) -> _Round:
         """Send every item and wait for the acks; an error is charged only to the records of
         the batch it concerns.
 

@@ -66,6 +66,17 @@ class WorkerSettings(InferqSettings):
     commit_interval_ms: int = Field(
         default=200, ge=1, description="How often completed offsets are committed."
     )
+    exactly_once: bool = Field(
+        default=False,
+        description="Kafka transactions: each write group's result records and the offsets "
+        "they complete commit atomically (see docs/architecture.md).",
+    )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1000,
+        description="With exactly_once: how long the broker lets a transaction stay open "
+        "before aborting it (a worker that died without a successor of the same id).",
+    )
     session_timeout_ms: int = Field(
         default=10_000, ge=1000, description="Consumer group session timeout."
     )
@@ -120,6 +131,17 @@ class WorkerSettings(InferqSettings):
         """The prefixes a request's ``reply_to`` may start with."""
         prefixes = [p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()]
         return prefixes or [TopicNames(prefix=self.kafka.topic_prefix).reply_prefix]
+
+    @property
+    def transactional_id(self) -> str:
+        """The Kafka transactional id of this worker's producer (with `exactly_once`).
+
+        Stable across restarts of the same static member (`group_instance_id`), so a
+        restarted worker fences its predecessor and aborts its open transaction at once;
+        a dynamic member has only its `worker_id`, new for every process.
+        """
+        member = self.group_instance_id if self.static_membership else None
+        return f"{self.group_id}.{member or self.worker_id}"
 
     @property
     def served_model_names(self) -> list[str] | None:

@@ -58,6 +58,7 @@ from workers.results import ResultWriter
 from workers.runner import ModelRunner, RequestSucceeded
 from workers.settings import WorkerSettings
 from workers.topics import TopicSpec, create_missing, deployment_topics
+from workers.transactions import TransactionalResultWriter
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +113,9 @@ class Worker:
         self._answers: asyncio.Queue[list[Answer]] = asyncio.Queue(
             maxsize=settings.max_in_flight + settings.fetch_max_records
         )
+        self._exactly_once = settings.exactly_once
+        self._write_lock = asyncio.Lock()
+        """Held by an exactly-once write for its whole transaction (see `_write_transaction`)."""
         self._batch_ready = asyncio.Event()
         self._progress = asyncio.Event()
         self._flush_requests = 0
@@ -169,6 +173,8 @@ class Worker:
                 client_id=f"{s.kafka.client_id}-{s.worker_id}",
                 acks="all",
                 enable_idempotence=True,
+                transactional_id=s.transactional_id if s.exactly_once else None,
+                transaction_timeout_ms=s.transaction_timeout_ms,
                 # The writer builds whole batches itself; lingering only delays their send
                 # (a group's Kafka write took 12.8 ms at the median with 2 ms, 4.8 with 0).
                 linger_ms=0,
@@ -186,6 +192,9 @@ class Worker:
             group_instance_id=group_instance_id(s),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Requests a producer wrote in a transaction count only once it committed; for
+            # requests written without one this reads the same as read_uncommitted.
+            isolation_level="read_committed",
             max_poll_records=s.fetch_max_records,
             session_timeout_ms=s.session_timeout_ms,
             # Revocation finishes in-flight work (up to the shutdown bound) before it returns;
@@ -203,7 +212,12 @@ class Worker:
             metadata_max_age_ms=60_000,
         )
         redis = connect_redis(s.redis)
-        writer = ResultWriter(
+        writer_class = (
+            partial(TransactionalResultWriter, group_id=s.group_id)
+            if s.exactly_once
+            else ResultWriter
+        )
+        writer = writer_class(
             producer_factory=new_producer,
             redis=redis,
             catalog=TopicCatalog(admin=admin),
@@ -230,7 +244,11 @@ class Worker:
             self._subscribed = self.request_topics()
             consumer.subscribe(topics=self._subscribed, listener=_Revocation(self))
             self._resubscribe = partial(self._follow_models, consumer, admin)
-            self._log.info("worker_started", topics=self._subscribed, group=s.group_id)
+            self._log.info(
+                "worker_started", topics=self._subscribed, group=s.group_id,
+                exactly_once=s.exactly_once,
+                transactional_id=s.transactional_id if s.exactly_once else None,
+            )  # fmt: skip
             self._lag_consumer = consumer
             await self.serve(
                 consumer=consumer,
@@ -285,8 +303,9 @@ class Worker:
                 loops = [
                     tasks.create_task(self._dispatch_loop(tasks), name="inferq-dispatch"),
                     tasks.create_task(self._writer_loop(writer), name="inferq-writer"),
-                    tasks.create_task(self._commit_loop(), name="inferq-committer"),
                 ]
+                if not self._exactly_once:  # else offsets commit in the writer's transactions
+                    loops.append(tasks.create_task(self._commit_loop(), name="inferq-committer"))
                 if self._reloader is not None:
                     loops.append(tasks.create_task(self._reloader.run(), name="inferq-reloader"))
                 if self._lag_consumer is not None:
@@ -624,17 +643,53 @@ class Worker:
                 more = self._answers.get_nowait()
                 group.extend(more)
                 size += sum(len(answer.value) for answer in more)
-            written = await writer.write(group)
+            if self._exactly_once:
+                written = await self._write_transaction(writer, group)
+            else:
+                written = await writer.write(group)
+                self._complete(written)
             self._metrics.answered_many(
                 Counter((a.model, a.version, a.outcome, a.code) for a in written)
             )
             self._observe_end_to_end(written)
-            complete = self._tracker.complete
-            for answer in written:
-                lease = answer.source.lease
-                if lease is not None:
-                    complete(lease, answer.source.offset)
             self._progress.set()
+
+    def _complete(self, written: Sequence[Answer]) -> None:
+        complete = self._tracker.complete
+        for answer in written:
+            lease = answer.source.lease
+            if lease is not None:
+                complete(lease, answer.source.offset)
+
+    async def _write_transaction(self, writer: AnswerWriter, group: list[Answer]) -> list[Answer]:
+        """Write ``group`` with the offsets it completes, in one transaction (exactly-once).
+
+        Answers of revoked partitions are dropped, not written: their new owner answers
+        them, and its results are the ones a read_committed reader sees. The write holds
+        `_write_lock`, which a revocation takes before it gives its partitions up, so no
+        transaction commits a partition's records or offsets after it changed hands.
+        """
+        async with self._write_lock:
+            live = [a for a in group if a.source.lease is None or not a.source.lease.revoked]
+            if not live:
+                return []
+            completions = [
+                (a.source.lease, a.source.offset) for a in live if a.source.lease is not None
+            ]
+            sent: dict[Any, int] = {}
+
+            def offsets() -> dict[Any, int]:
+                # Called inside the transaction, just before it commits (again if retried).
+                sent.clear()
+                sent.update(self._tracker.committable_with(completions))
+                return sent
+
+            written = await writer.write(live, offsets=offsets)
+            self._complete(written)
+            self._tracker.mark_committed(sent)
+            if sent:
+                self._metrics.commits.inc()
+            return written
 
     def _observe_end_to_end(self, written: Sequence[Answer]) -> None:
         by_version: dict[tuple[str, str], list[int]] = {}
@@ -699,7 +754,7 @@ class Worker:
 
     async def _commit(self) -> None:
         consumer = self._consumer
-        if consumer is None:
+        if consumer is None or self._exactly_once:  # committed by each write's transaction
             return
         offsets = self._tracker.committable()
         if not offsets:
@@ -727,6 +782,16 @@ class Worker:
             await self._finish_in_flight(
                 timeout_s=self._settings.shutdown_timeout_s, partitions=owned
             )
+        if self._exactly_once:
+            # Let a transaction in flight end first: its offsets must not commit after the
+            # partitions changed hands. Bounded, as the group waits for us only so long.
+            bound_s = self._settings.shutdown_timeout_s
+            try:
+                await asyncio.wait_for(self._write_lock.acquire(), bound_s)
+            except TimeoutError:
+                self._log.error("revoked_during_transaction", partitions=len(revoked))
+            else:
+                self._write_lock.release()
         dropped = self._tracker.revoke(revoked)
         if dropped:
             self._log.warning("revoked_unanswered", requests=dropped)

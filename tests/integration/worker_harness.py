@@ -188,7 +188,11 @@ async def read_topic(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from the start, once ``expected`` of them are there."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []

@@ -335,3 +335,56 @@ def test_poll_marks_do_not_pile_up_on_a_partition_that_keeps_up() -> None:
         tracker.complete(lease, 2 * poll)
         tracker.complete(lease, 2 * poll + 1)
     assert len(tracker.lease("p").marks) == 0
+
+
+def test_committable_with_is_what_completing_would_make_committable_without_completing() -> None:
+    tracker = tracker_with(P0, [5, 6, 7, 9])
+    tracker.track(P1, 0)
+    lease = tracker.lease(P0)
+    tracker.complete(lease, 6)
+    assert tracker.committable_with([(lease, 5)]) == {P0: 7}
+    assert tracker.committable_with([(lease, 5), (lease, 7), (lease, 9)]) == {P0: 10}
+    assert tracker.committable_with([(lease, 7)]) == {}, "offset 5 is still unanswered"
+    assert tracker.committable() == {}, "nothing was completed"
+    assert tracker.in_flight == 4
+
+
+def test_committable_with_keeps_partitions_already_committable_and_skips_committed_ones() -> None:
+    tracker = tracker_with(P0, [0, 1])
+    tracker.track(P1, 0)
+    tracker.complete(tracker.lease(P1), 0)
+    lease = tracker.lease(P0)
+    assert tracker.committable_with([(lease, 0)]) == {P0: 1, P1: 1}
+    tracker.mark_committed({P1: 1})
+    tracker.complete(lease, 0)
+    tracker.mark_committed({P0: 1})
+    assert tracker.committable_with([]) == {}
+    assert tracker.committable_with([(lease, 1)]) == {P0: 2}
+
+
+def test_committable_with_leaves_out_revoked_leases() -> None:
+    tracker = tracker_with(P0, [0])
+    tracker.track(P1, 0)
+    revoked = tracker.lease(P0)
+    tracker.revoke([P0])
+    assert tracker.committable_with([(revoked, 0), (tracker.lease(P1), 0)]) == {P1: 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(tracked_then_shuffled(), st.data())
+def test_committable_with_equals_committable_after_completing(
+    tracked_and_order: tuple[list[int], list[int]], data: st.DataObject
+) -> None:
+    offsets, completion_order = tracked_and_order
+    tracker = tracker_with(P0, offsets)
+    lease = tracker.lease(P0)
+    remaining = list(completion_order)
+    while remaining:
+        size = data.draw(st.integers(min_value=1, max_value=len(remaining)), label="group size")
+        group, remaining = remaining[:size], remaining[size:]
+        predicted = tracker.committable_with([(lease, offset) for offset in group])
+        for offset in group:
+            tracker.complete(lease, offset)
+        assert predicted == tracker.committable()
+        if data.draw(st.booleans(), label="commit now"):
+            tracker.mark_committed(predicted)

@@ -114,6 +114,44 @@ async def test_a_burst_answers_every_record_once_and_commits_past_the_last(
     assert max(r.timing.batch_size for r in results.values() if r.timing) > 1
 
 
+async def test_exactly_once_commits_offsets_only_with_the_answers_that_complete_them(
+    models_dir: Path, runner: ModelRunner
+) -> None:
+    good = requests(300)
+    records = [MemoryRecord(offset=i, value=encode_request(r)) for i, r in enumerate(good)]
+    by_partition = {P0: records[:150], P1: records[150:]}
+    consumer = MemoryConsumer(by_partition)
+    worker = new_worker(models_dir, runner, exactly_once=True)
+
+    class Recording(MemoryWriter):
+        """Checks, at each write, that the offsets sent never pass an unwritten answer."""
+
+        answered: set[tuple[MemoryPartition, int]] = set()  # noqa: RUF012 - one test's own
+
+        async def write(self, answers, *, offsets=None):  # type: ignore[no-untyped-def]
+            assert offsets is not None, "an exactly-once write carries its offsets"
+            for answer in answers:
+                self.answered.add((answer.source.partition, answer.source.offset))
+
+            def checked() -> dict[MemoryPartition, int]:
+                sent = dict(offsets())
+                for partition, offset in sent.items():
+                    below = [r.offset for r in by_partition[partition] if r.offset < offset]
+                    assert all((partition, o) in self.answered for o in below)
+                return sent
+
+            return await super().write(answers, offsets=checked)
+
+    writer = Recording(answers=worker._answer_builder)
+    await serve_burst(worker, consumer, writer)
+
+    assert consumer.committed == {}, "the consumer commits nothing itself"
+    assert writer.committed == {P0: 150, P1: 300}
+    assert writer.transactions >= 1
+    assert Counter(a.request_id for a in writer.sent) == Counter({r.id: 1 for r in good})
+    assert worker.in_flight == 0
+
+
 async def test_a_redelivered_burst_is_answered_from_the_cache_without_running(
     models_dir: Path, runner: ModelRunner
 ) -> None:
