@@ -16,6 +16,7 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from deploy.local.broker_limits import MIB, BrokerLimits, java_size_bytes
 from deploy.local.processes import (
     StackError,
+    alive,
     free_port,
     kafka_answers,
     log,
@@ -214,6 +216,21 @@ class LocalStack:
     def kafka_process_id(self) -> int | None:
         """The broker's pid while it runs (tests kill it to check failure handling)."""
         return read_pid(self.kafka_pid)
+
+    def kill_kafka(self) -> None:
+        """SIGKILL the broker (a crash: no controlled shutdown) and reap it."""
+        pid = read_pid(self.kafka_pid)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.05)
+        self.kafka_pid.unlink(missing_ok=True)
+
+    def start_kafka(self) -> None:
+        """Start the broker again on the same ports and data, and wait until it answers."""
+        self._start_kafka(ensure_kafka_jars(self.config.cache_dir))
+        self._wait_ready()
 
     # internals
 

@@ -1,0 +1,82 @@
+"""Fixtures of the fault suite: a deployment on the session's stack, or on a private stack
+for the faults that kill the broker or Redis (so no other test sees them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local.stack import LocalStack, StackConfig, free_port, running_stack
+from schemas.topics import TopicNames
+from tests.conftest import TopicFactory
+from tests.integration.worker_harness import Deployment
+from workers.example_models import write_example_models
+
+EXACTLY_ONCE_READY = False
+"""Set to True at the merge of issue13-eos (INFERQ_EXACTLY_ONCE): the SIGKILL fault then runs
+in exactly-once mode too, where the results topic must hold no duplicate."""
+
+MODES = [
+    pytest.param({}, id="at-least-once"),
+    pytest.param(
+        {"INFERQ_EXACTLY_ONCE": "true"},
+        id="exactly-once",
+        marks=pytest.mark.skipif(
+            not EXACTLY_ONCE_READY, reason="INFERQ_EXACTLY_ONCE lands with issue13-eos"
+        ),
+    ),
+]
+"""Worker settings of each delivery mode a fault runs under."""
+
+
+def mode_name(env: dict[str, str]) -> str:
+    """The mode a MODES entry stands for."""
+    return "exactly-once" if env.get("INFERQ_EXACTLY_ONCE") == "true" else "at-least-once"
+
+
+async def make_deployment(
+    *, bootstrap: str, redis_url: str, prefix: str, models_dir: Path, make_topic: TopicFactory
+) -> Deployment:
+    """Example models and the topics of ``mlp`` (4 request partitions, one result partition)."""
+    write_example_models(models_dir)
+    topics = TopicNames(prefix=prefix)
+    await make_topic(topics.requests("mlp"), partitions=4)
+    await make_topic(topics.results("mlp"), partitions=1)
+    await make_topic(topics.dead_letters, partitions=1)
+    return Deployment(
+        bootstrap=bootstrap,
+        redis_url=redis_url,
+        prefix=prefix,
+        models_dir=models_dir,
+        group_id=f"{prefix}-workers",
+    )
+
+
+@pytest.fixture
+async def deployment(
+    kafka_bootstrap: str,
+    redis_url: str,
+    unique_prefix: str,
+    models_dir: Path,
+    make_topic: TopicFactory,
+) -> Deployment:
+    """A deployment of ``mlp`` on the session's stack."""
+    return await make_deployment(
+        bootstrap=kafka_bootstrap, redis_url=redis_url, prefix=unique_prefix,
+        models_dir=models_dir, make_topic=make_topic,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A Kafka broker and redis-server of this test alone, which it may kill and restart."""
+    config = StackConfig(
+        run_dir=tmp_path_factory.mktemp("fault-stack"),
+        kafka_port=free_port(),
+        controller_port=free_port(),
+        redis_port=free_port(),
+    )
+    with running_stack(config) as stack:
+        yield stack
