@@ -3,11 +3,14 @@ for the faults that kill the broker or Redis (so no other test sees them)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from deploy.local.redis_server import RedisServer
 from deploy.local.stack import LocalStack, StackConfig, free_port, running_stack
 from schemas.topics import TopicNames
 from tests.conftest import TopicFactory
@@ -80,3 +83,56 @@ def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSta
     )
     with running_stack(config) as stack:
         yield stack
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this test alone (append-only file in its own directory)."""
+    server = RedisServer(run_dir=tmp_path_factory.mktemp("fault-redis"), port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_fault_deployment(
+    kafka_bootstrap: str,
+    private_redis: RedisServer,
+    unique_prefix: str,
+    models_dir: Path,
+    make_topic: TopicFactory,
+) -> Deployment:
+    """A deployment of ``mlp`` on the session's broker and a private redis-server."""
+    return await make_deployment(
+        bootstrap=kafka_bootstrap, redis_url=private_redis.url, prefix=unique_prefix,
+        models_dir=models_dir, make_topic=make_topic,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def broker_fault_deployment(
+    private_stack: LocalStack, unique_prefix: str, models_dir: Path
+) -> Deployment:
+    """A deployment of ``mlp`` on a private broker and redis-server."""
+    bootstrap = private_stack.config.bootstrap_servers
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+
+    async def create(name: str, *, partitions: int = 1) -> str:
+        await admin.create_topics(
+            [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
+        )
+        return name
+
+    try:
+        return await asyncio.wait_for(
+            make_deployment(
+                bootstrap=bootstrap, redis_url=private_stack.config.redis_url,
+                prefix=unique_prefix, models_dir=models_dir, make_topic=create,
+            ),
+            60,
+        )  # fmt: skip
+    finally:
+        await admin.close()

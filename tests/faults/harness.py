@@ -635,10 +635,15 @@ async def fault_run(
     *,
     workers: Sequence[str] = ("w1",),
     per_second: float | None = 500.0,
+    publish_first: bool = False,
     **env: str,
 ) -> AsyncIterator[FaultRun]:
     """Start ``workers``, wait until they are ready, then publish ``requests`` at
-    ``per_second`` until the test calls `FaultRun.end_fault` (the rest as fast as possible)."""
+    ``per_second`` until the test calls `FaultRun.end_fault` (the rest as fast as possible).
+
+    publish_first: publish (and have acknowledged) every request before the workers start,
+        for faults of the broker, which would fail the publisher's own sends otherwise.
+    """
     topic = TopicNames(prefix=deployment.prefix).results("mlp")
     async with (
         worker_fleet(deployment, log_dir, **env) as fleet,
@@ -646,17 +651,19 @@ async def fault_run(
         RssSampler(fleet) as rss,
         deployment.client() as client,
     ):
+        fault_over = asyncio.Event()
+        published = [0]
+        publishing = publish_workload(
+            client, requests, per_second=per_second, until=fault_over, progress=published
+        )
+        if publish_first:
+            await publishing
         for name in workers:
             fleet.start(name)
         for name in workers:
             await fleet.wait_ready(name)
-        fault_over = asyncio.Event()
-        published = [0]
         sending = asyncio.create_task(
-            publish_workload(
-                client, requests, per_second=per_second, until=fault_over, progress=published
-            ),
-            name="fault-publish",
+            asyncio.sleep(0) if publish_first else publishing, name="fault-publish"
         )
         try:
             yield FaultRun(
