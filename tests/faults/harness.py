@@ -322,6 +322,8 @@ class ResultWatcher:
 
     bootstrap: str
     topic: str
+    also: Sequence[str] = ()
+    """More topics to read (another model's results, the dead letters), keyed the same way."""
     records: dict[str, list[bytes]] = field(default_factory=dict)
     arrivals: list[float] = field(default_factory=list)
     """Monotonic arrival time of each record, in order."""
@@ -336,6 +338,7 @@ class ResultWatcher:
     async def __aenter__(self) -> ResultWatcher:
         self._consumer = AIOKafkaConsumer(
             self.topic,
+            *self.also,
             bootstrap_servers=self.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
@@ -400,7 +403,9 @@ class ResultWatcher:
         """Until every record now on the topic has been read (duplicates included)."""
         assert self._consumer is not None
         partitions = [
-            TopicPartition(self.topic, p) for p in self._consumer.partitions_for_topic(self.topic)
+            TopicPartition(topic, p)
+            for topic in (self.topic, *self.also)
+            for p in self._consumer.partitions_for_topic(topic) or ()
         ]
         ends = await self._consumer.end_offsets(partitions)
 
@@ -636,6 +641,7 @@ async def fault_run(
     workers: Sequence[str] = ("w1",),
     per_second: float | None = 500.0,
     publish_first: bool = False,
+    also_watch: Sequence[str] = (),
     **env: str,
 ) -> AsyncIterator[FaultRun]:
     """Start ``workers``, wait until they are ready, then publish ``requests`` at
@@ -647,7 +653,7 @@ async def fault_run(
     topic = TopicNames(prefix=deployment.prefix).results("mlp")
     async with (
         worker_fleet(deployment, log_dir, **env) as fleet,
-        ResultWatcher(bootstrap=deployment.bootstrap, topic=topic) as watcher,
+        ResultWatcher(bootstrap=deployment.bootstrap, topic=topic, also=also_watch) as watcher,
         RssSampler(fleet) as rss,
         deployment.client() as client,
     ):
