@@ -136,3 +136,20 @@ async def broker_fault_deployment(
         )  # fmt: skip
     finally:
         await admin.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault table of this session's rows, at the end of the run."""
+    from tests.faults.harness import session_rows
+
+    rows = session_rows()
+    if not rows:
+        return
+    terminalreporter.section("fault suite")
+    terminalreporter.line(
+        "| fault | mode | sent | answered | lost | conflicting | duplicates | recovery s "
+        "| drained s | peak RSS MiB |"
+    )
+    for row in rows:
+        terminalreporter.line(row.line())
+    terminalreporter.line(f"(appended to {rows[0].path()})")

@@ -464,8 +464,14 @@ class FaultRow:
             f"{self.drained_s:.1f} | {self.peak_rss_mib:.0f} |"
         )
 
+    @staticmethod
+    def path() -> Path:
+        """Where rows are appended."""
+        return report_path()
+
     def report(self) -> None:
         """Print the row and append it to `report_path`."""
+        _SESSION_ROWS.append(self)
         print(f"\nFAULT ROW {self.line()} {json.dumps(self.extra)}")
         path = report_path()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -483,6 +489,14 @@ class FaultRow:
         assert not self.unhealthy, self
         if exactly_once:
             assert self.duplicates == 0, self
+
+
+_SESSION_ROWS: list[FaultRow] = []
+
+
+def session_rows() -> list[FaultRow]:
+    """The rows reported in this test session, in order."""
+    return list(_SESSION_ROWS)
 
 
 def _outcome(result: InferenceResult) -> tuple[str, str | None]:

@@ -18,17 +18,20 @@ from tests.integration.worker_harness import Deployment
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", MODES)
-async def test_a_worker_sigkilled_three_times_loses_nothing(
-    deployment: Deployment, tmp_path: Path, mode: dict[str, str]
+@pytest.mark.parametrize(
+    "kills", [pytest.param(3, id="3-kills"), pytest.param(8, id="8-kills", marks=pytest.mark.soak)]
+)
+async def test_a_worker_sigkilled_repeatedly_loses_nothing(
+    deployment: Deployment, tmp_path: Path, mode: dict[str, str], kills: int
 ) -> None:
     async with fault_run(deployment, tmp_path, mlp_workload(), per_second=1000, **mode) as run:
-        for kill in range(3):
-            await run.watcher.wait_answered((kill + 1) * WORKLOAD // 10, timeout_s=120)
+        for kill in range(kills):
+            await run.watcher.wait_answered((kill + 1) * WORKLOAD // (kills + 7), timeout_s=120)
             await run.fleet.kill_child("w1")
         run.end_fault()
-        row = await run.finish(fault="worker SIGKILL x3", mode=mode_name(mode))
+        row = await run.finish(fault=f"worker SIGKILL x{kills}", mode=mode_name(mode))
     row.report()
     row.assert_holds(exactly_once=mode_name(mode) == "exactly-once")
 
