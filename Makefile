@@ -64,7 +64,7 @@ test: venv
 	$(MAKE) --no-print-directory lint typecheck
 	$(PY) -m pytest -m "not soak" $(PYTEST_ARGS)
 
-# The fault suite's long variants (60 s overload, ...); each appends its row of figures to
+# The fault suite's long variants (60 s of large tensors, 8 SIGKILLs, a 3-node cluster); each appends its row of figures to
 # $(CACHE_DIR)/faults/results.jsonl, as the short ones in make test do.
 soak: venv
 	$(STACK) install
