@@ -17,12 +17,13 @@ PYTEST_ARGS ?=
 
 export INFERQ_CACHE_DIR := $(CACHE_DIR)
 
-.PHONY: help venv bench-venv demo test lint typecheck unit stack-up stack-down stack-status \
+.PHONY: help venv bench-venv demo test soak lint typecheck unit stack-up stack-down stack-status \
 	bench bench-quick bench-gpu bench-formats clean
 
 help:
 	@echo "make demo        start Kafka + Redis, run the end-to-end demo, stop them"
 	@echo "make test        lint, type-check and run the whole test suite on a private stack"
+	@echo "make soak        the fault suite's full-length variants (tests/faults, marker soak)"
 	@echo "make lint        ruff, hadolint, k8s manifests and compose.yaml against their schemas"
 	@echo "make typecheck   mypy --strict on workers/ producers/ schemas/"
 	@echo "make unit        the unit tests only (no Kafka, no Redis)"
@@ -61,7 +62,13 @@ unit: venv
 test: venv
 	$(STACK) install
 	$(MAKE) --no-print-directory lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not soak" $(PYTEST_ARGS)
+
+# The fault suite's long variants (60 s of large tensors, 8 SIGKILLs, a 3-node cluster); each appends its row of figures to
+# $(CACHE_DIR)/faults/results.jsonl, as the short ones in make test do.
+soak: venv
+	$(STACK) install
+	$(PY) -m pytest -m soak tests/faults $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m deploy.local.demo

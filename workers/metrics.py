@@ -96,7 +96,9 @@ class WorkerMetrics:
             "inferq_rebalances", "Partition assignments received from the group.", registry=r
         )
         self.pauses = Counter(
-            "inferq_consumer_pauses", "Times intake paused at max_in_flight.", registry=r
+            "inferq_consumer_pauses",
+            "Times intake paused at max_in_flight or max_in_flight_bytes.",
+            registry=r,
         )
         self.consumer_lag_records = Gauge(
             "inferq_consumer_lag_records",

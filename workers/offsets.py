@@ -57,8 +57,8 @@ class PartitionOffsets(Generic[P]):
     Created and changed only by `OffsetTracker`; requests hold it as their lease.
     """
 
-    __slots__ = ("committed", "done", "last_tracked", "marks", "order", "partition", "revoked",
-                 "tracked", "watermark")  # fmt: skip
+    __slots__ = ("bytes_in_flight", "committed", "done", "last_tracked", "marks", "order",
+                 "partition", "revoked", "sizes", "tracked", "watermark")  # fmt: skip
 
     def __init__(self, partition: P) -> None:
         self.partition = partition
@@ -73,6 +73,9 @@ class PartitionOffsets(Generic[P]):
         """The partition was revoked: this lease's requests are someone else's now."""
         self.marks: deque[tuple[int, int]] = deque()
         """(first offset, its record's Unix ms) of each poll still tracked: for lag in time."""
+        self.sizes: dict[int, int] = {}
+        """Record bytes of each tracked offset not yet completed (those tracked with a size)."""
+        self.bytes_in_flight = 0
 
     @property
     def in_flight(self) -> int:
@@ -87,11 +90,17 @@ class OffsetTracker(Generic[P]):
         """Create a tracker with no partitions."""
         self._partitions: dict[P, PartitionOffsets[P]] = {}
         self._in_flight = 0
+        self._bytes_in_flight = 0
 
     @property
     def in_flight(self) -> int:
         """Tracked records over all partitions whose completion has not been reported."""
         return self._in_flight
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Summed record bytes of the records in flight (those tracked with sizes)."""
+        return self._bytes_in_flight
 
     def tracks(self, partition: P) -> bool:
         """Whether `partition` has a live lease (tracked since assignment or revocation)."""
@@ -109,11 +118,18 @@ class OffsetTracker(Generic[P]):
         return self.track_many(partition, (offset,))
 
     def track_many(
-        self, partition: P, offsets: Iterable[int], *, first_timestamp_ms: int = -1
+        self,
+        partition: P,
+        offsets: Iterable[int],
+        *,
+        first_timestamp_ms: int = -1,
+        sizes: Iterable[int] | None = None,
     ) -> PartitionOffsets[P]:
         """`track` for a poll's increasing offsets of one partition, in one call.
 
         first_timestamp_ms: the first record's Unix ms (negative: unknown), for `oldest_ms`.
+        sizes: each record's bytes, in the order of ``offsets``, counted in `in_flight_bytes`
+            until the record completes or its partition is revoked.
         """
         state = self._partitions.get(partition)
         if state is None:
@@ -132,6 +148,14 @@ class OffsetTracker(Generic[P]):
         state.tracked.update(added)
         state.last_tracked = last
         self._in_flight += len(added)
+        if sizes is not None:
+            counted = list(sizes)
+            if len(counted) != len(added):
+                raise ValueError(f"{len(counted)} sizes for {len(added)} offsets")
+            state.sizes.update(zip(added, counted, strict=True))
+            total = sum(counted)
+            state.bytes_in_flight += total
+            self._bytes_in_flight += total
         return state
 
     def complete(self, lease: PartitionOffsets[P], offset: int) -> bool:
@@ -147,6 +171,9 @@ class OffsetTracker(Generic[P]):
             raise UntrackedOffsetError(partition=lease.partition, offset=offset)
         lease.done.add(offset)
         self._in_flight -= 1
+        size = lease.sizes.pop(offset, 0)
+        lease.bytes_in_flight -= size
+        self._bytes_in_flight -= size
         order = lease.order
         while order and order[0] in lease.done:
             finished = order.popleft()
@@ -170,6 +197,9 @@ class OffsetTracker(Generic[P]):
             if state is not None:
                 state.revoked = True
                 dropped += state.in_flight
+                self._bytes_in_flight -= state.bytes_in_flight
+                state.sizes.clear()
+                state.bytes_in_flight = 0
         self._in_flight -= dropped
         return dropped
 

@@ -54,6 +54,11 @@ class WorkerSettings(InferqSettings):
     max_in_flight: int = Field(
         default=4096, ge=1, description="Requests consumed but not yet answered; then pause."
     )
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Record bytes consumed but not yet answered; then pause.",
+    )
     fetch_max_records: int = Field(
         default=1024, ge=1, description="Most records taken from Kafka in one poll."
     )

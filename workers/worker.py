@@ -75,7 +75,9 @@ WRITE_GROUP_BYTES = 16 * 1024 * 1024
 ADMIT_SLICE = 128
 """Records admitted between two yields to the event loop."""
 RESUME_FRACTION = 0.75
-"""Paused intake resumes once in-flight requests fall to this fraction of the bound."""
+"""Paused intake resumes once in-flight requests and bytes fall to this fraction of their bounds."""
+FETCH_MAX_BYTES = 8 * 1024 * 1024
+PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 
 
 class Worker:
@@ -157,6 +159,11 @@ class Worker:
         """Requests consumed and not yet answered."""
         return self._tracker.in_flight
 
+    @property
+    def in_flight_bytes(self) -> int:
+        """Record bytes of the requests consumed and not yet answered."""
+        return self._tracker.in_flight_bytes
+
     def request_topics(self) -> list[str]:
         """The request topics of every served model."""
         return [self._topics.requests(name) for name in self._repository.names()]
@@ -203,8 +210,9 @@ class Worker:
             heartbeat_interval_ms=max(s.session_timeout_ms // 4, 100),
             # Small fetches: the broker still returns a larger first batch whole (KIP-74), and
             # huge responses cost more in fresh-buffer page faults than they save in trips.
-            fetch_max_bytes=8 * 1024 * 1024,
-            max_partition_fetch_bytes=1024 * 1024,
+            # No more than the byte bound either: a poll is admitted whole before intake pauses.
+            fetch_max_bytes=min(FETCH_MAX_BYTES, s.max_in_flight_bytes),
+            max_partition_fetch_bytes=min(PARTITION_FETCH_MAX_BYTES, s.max_in_flight_bytes),
             # The broker answers a fetch as soon as it has data; with none it holds the
             # request this long, and a record arriving meanwhile waits for the next round.
             fetch_max_wait_ms=s.fetch_max_wait_ms,
@@ -454,21 +462,28 @@ class Worker:
                 return
 
     def _apply_backpressure(self, consumer: RecordConsumer) -> bool:
-        """Pause intake at `max_in_flight`, resume below a fraction of it; True while paused."""
+        """Pause intake at `max_in_flight` requests or `max_in_flight_bytes` record bytes,
+        resume once both are below a fraction of their bound; True while paused."""
         bound = self._settings.max_in_flight
+        bytes_bound = self._settings.max_in_flight_bytes
         in_flight = self._tracker.in_flight
+        in_flight_bytes = self._tracker.in_flight_bytes
         self._metrics.in_flight.set(in_flight)
-        if not self._paused and in_flight >= bound:
+        if not self._paused and (in_flight >= bound or in_flight_bytes >= bytes_bound):
             consumer.pause(*consumer.assignment())
             self._paused = True
             self._metrics.pauses.inc()
             self._metrics.paused.set(1)
-            self._log.debug("intake_paused", in_flight=in_flight)
-        elif self._paused and in_flight <= bound * RESUME_FRACTION:
+            self._log.debug("intake_paused", in_flight=in_flight, in_flight_bytes=in_flight_bytes)
+        elif (
+            self._paused
+            and in_flight <= bound * RESUME_FRACTION
+            and in_flight_bytes <= bytes_bound * RESUME_FRACTION
+        ):
             consumer.resume(*consumer.paused())
             self._paused = False
             self._metrics.paused.set(0)
-            self._log.debug("intake_resumed", in_flight=in_flight)
+            self._log.debug("intake_resumed", in_flight=in_flight, in_flight_bytes=in_flight_bytes)
         elif self._paused:
             # Partitions assigned while paused must stay paused too.
             consumer.pause(*consumer.assignment())
@@ -488,6 +503,7 @@ class Worker:
                 partition,
                 [record.offset for record in records],
                 first_timestamp_ms=records[0].timestamp if records else -1,
+                sizes=[len(record.value or b"") for record in records],
             )
             for record in records:
                 since_yield += 1

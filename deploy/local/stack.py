@@ -16,6 +16,7 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from deploy.local.broker_limits import MIB, BrokerLimits, java_size_bytes
 from deploy.local.processes import (
     StackError,
+    alive,
     free_port,
     kafka_answers,
     log,
@@ -149,6 +151,35 @@ def ensure_kafka_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
     return libs
 
 
+# --- one broker process ---------------------------------------------------------------------
+
+
+def kafka_java(jvm_options: list[str], libs: Path) -> list[str]:
+    """The `java` command line of Kafka's tools and broker, up to the main class."""
+    return [
+        "java", *jvm_options, "-Xms128m", "-XX:+UseG1GC",
+        "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+    ]  # fmt: skip
+
+
+def new_cluster_id() -> str:
+    """A fresh KRaft cluster id."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def format_storage(java: list[str], properties: Path, cluster_id: str, *options: str) -> None:
+    """Format a node's log directories (kafka-storage format) for ``cluster_id``."""
+    command = [
+        *java, "kafka.tools.StorageTool", "format",
+        f"--cluster-id={cluster_id}",  # an id may start with "-": not a separate word
+        "--config", str(properties),
+        *options,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StackError(f"kafka-storage format failed:\n{result.stdout}\n{result.stderr}")
+
+
 # --- the stack ----------------------------------------------------------------------------
 
 
@@ -215,6 +246,21 @@ class LocalStack:
         """The broker's pid while it runs (tests kill it to check failure handling)."""
         return read_pid(self.kafka_pid)
 
+    def kill_kafka(self) -> None:
+        """SIGKILL the broker (a crash: no controlled shutdown) and reap it."""
+        pid = read_pid(self.kafka_pid)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.05)
+        self.kafka_pid.unlink(missing_ok=True)
+
+    def start_kafka(self) -> None:
+        """Start the broker again on the same ports and data, and wait until it answers."""
+        self._start_kafka(ensure_kafka_jars(self.config.cache_dir))
+        self._wait_ready()
+
     # internals
 
     def _start_kafka(self, libs: Path) -> None:
@@ -222,27 +268,13 @@ class LocalStack:
             return
         properties = self.run_dir / "server.properties"
         properties.write_text(self._server_properties())
-        java = ["java", *self.config.kafka_jvm_options, "-Xms128m", "-XX:+UseG1GC"]
-        classpath = ["-cp", f"{libs}/*"]
+        java = kafka_java(self.config.kafka_jvm_options, libs)
         if not (self.kafka_data / "meta.properties").exists():
             self.kafka_data.mkdir(parents=True, exist_ok=True)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            format_command = [
-                *java, *classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                "kafka.tools.StorageTool", "format",
-                f"--cluster-id={cluster_id}",  # an id may start with "-": not a separate word
-                "--config", str(properties),
-                "--standalone",
-                *self._format_options(),
-            ]  # fmt: skip
-            result = subprocess.run(format_command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise StackError(f"kafka-storage format failed:\n{result.stdout}\n{result.stderr}")
-        command = [
-            *java, *classpath,
-            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-            "kafka.Kafka", str(properties),
-        ]  # fmt: skip
+            format_storage(
+                java, properties, new_cluster_id(), "--standalone", *self._format_options()
+            )
+        command = [*java, "kafka.Kafka", str(properties)]
         self._processes.append(spawn(command, self.kafka_log, self.kafka_pid))
 
     def _format_options(self) -> list[str]:

@@ -388,3 +388,35 @@ def test_committable_with_equals_committable_after_completing(
         assert predicted == tracker.committable()
         if data.draw(st.booleans(), label="commit now"):
             tracker.mark_committed(predicted)
+
+
+def test_in_flight_bytes_count_each_record_until_it_completes() -> None:
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    lease = tracker.track_many(P0, [0, 1, 2], sizes=[100, 200, 300])
+    other = tracker.track_many(P1, [5], sizes=[7])
+    assert tracker.in_flight_bytes == 607
+    tracker.complete(lease, 1)
+    assert tracker.in_flight_bytes == 407
+    tracker.complete(other, 5)
+    tracker.complete(lease, 0)
+    assert tracker.in_flight_bytes == 300
+    assert lease.bytes_in_flight == 300
+
+
+def test_revoking_a_partition_drops_its_bytes_and_late_completions_change_nothing() -> None:
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    lease = tracker.track_many(P0, [0, 1], sizes=[100, 200])
+    tracker.track_many(P1, [0], sizes=[50])
+    assert tracker.revoke([P0]) == 2
+    assert tracker.in_flight_bytes == 50
+    assert not tracker.complete(lease, 0)
+    assert tracker.in_flight_bytes == 50
+
+
+def test_records_tracked_without_sizes_count_no_bytes() -> None:
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    lease = tracker.track_many(P0, [0, 1])
+    tracker.complete(lease, 0)
+    assert tracker.in_flight_bytes == 0
+    with pytest.raises(ValueError, match="2 sizes for 1 offsets"):
+        tracker.track_many(P1, [0], sizes=[1, 2])

@@ -207,6 +207,52 @@ async def test_a_record_of_plain_and_of_unusual_shape_get_the_same_result(
     assert plain_result.outputs == unusual_result.outputs
 
 
+class WatchedConsumer(MemoryConsumer):
+    """A `MemoryConsumer` that notes the worker's in-flight bytes at every poll."""
+
+    def __init__(self, records: dict[MemoryPartition, list[MemoryRecord]]) -> None:
+        super().__init__(records)
+        self.worker: Worker | None = None
+        self.bytes_at_poll: list[int] = []
+
+    async def getmany(
+        self, *partitions: object, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[MemoryPartition, list[MemoryRecord]]:
+        assert self.worker is not None
+        self.bytes_at_poll.append(self.worker.in_flight_bytes)
+        return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+async def test_intake_pauses_at_the_byte_bound_and_still_answers_everything(
+    models_dir: Path, runner: ModelRunner, bounded: bool
+) -> None:
+    batch = requests(200)
+    records = [MemoryRecord(offset=i, value=encode_request(r)) for i, r in enumerate(batch)]
+    record_bytes = len(records[0].value or b"")
+    bound = 20 * record_bytes
+    consumer = WatchedConsumer({P0: records[:100], P1: records[100:]})
+    overrides: dict[str, object] = {"fetch_max_records": 8, "max_in_flight": 4096}
+    if bounded:
+        overrides["max_in_flight_bytes"] = bound
+    worker = new_worker(models_dir, runner, **overrides)
+    consumer.worker = worker
+    writer = MemoryWriter(answers=worker._answer_builder)
+
+    await serve_burst(worker, consumer, writer)
+
+    assert Counter(answer.request_id for answer in writer.sent) == Counter(r.id for r in batch)
+    assert worker.in_flight_bytes == 0
+    pauses = worker._metrics.registry.get_sample_value("inferq_consumer_pauses_total")
+    if bounded:
+        assert pauses is not None
+        assert pauses > 0
+        # Intake polls only below the bound, and a poll adds at most fetch_max_records.
+        assert max(consumer.bytes_at_poll) < bound + 8 * record_bytes
+    else:
+        assert not pauses
+
+
 class Scaled(torch.nn.Module):
     """Takes its parameters as keyword arguments (0-d tensors)."""
 
