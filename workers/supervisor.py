@@ -32,9 +32,14 @@ import structlog
 log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
-"""`Supervisor.run` result when every child's last run exited 0."""
+"""`Supervisor.run` result when every child's last run exited 0 (or, stopped while still
+starting, died by the stop signal)."""
 EXIT_FAILURE = 1
 """`Supervisor.run` result after a crash loop, or when a child's last run did not exit 0."""
+
+_CLEAN_STOP_EXITS = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
+"""How children may end a stop cleanly: exit 0, or die by the stop signal itself, which only
+a child still starting (its handlers not yet installed, nothing consumed) can do."""
 
 _RESTART_WINDOW_S = 60.0
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -215,7 +220,7 @@ class Supervisor:
             self._sleep(slots, wake_read, self._wake_at(slots, stop_deadline, killed))
         if gave_up:
             return EXIT_FAILURE
-        clean = all(slot.last_exitcode == 0 for slot in slots)
+        clean = all(slot.last_exitcode in _CLEAN_STOP_EXITS for slot in slots)
         log.info("supervisor_stopped", clean=clean)
         return EXIT_OK if clean else EXIT_FAILURE
 

@@ -157,7 +157,8 @@ class WorkerFleet:
 
     def pids(self) -> list[int]:
         """Every process of every running worker."""
-        return [pid for worker in self.workers.values() for pid in worker.pids()]
+        # A snapshot: workers are started and stopped from threads (to_thread) meanwhile.
+        return [pid for worker in list(self.workers.values()) for pid in worker.pids()]
 
     async def kill_child(self, name: str, *, timeout_s: float = 60) -> None:
         """SIGKILL worker ``name``'s serving child, then wait until the supervisor restarted

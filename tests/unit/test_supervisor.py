@@ -65,6 +65,14 @@ def wait_for_sigterm(directory: str, index: int) -> None:
     sys.exit(5)
 
 
+def starting_without_handlers(directory: str, index: int) -> None:
+    """Like a child still importing torch: SIGTERM's default action, death by the signal."""
+    record_start(directory, index)
+    Path(directory, f"started-{index}").touch()
+    time.sleep(SAFETY_EXIT_S)
+    sys.exit(5)
+
+
 def first_always_crashes(directory: str, index: int) -> None:
     if index == 0:
         record_start(directory, index)
@@ -223,6 +231,19 @@ def test_stragglers_are_killed_after_the_shutdown_timeout(tmp_path: Path) -> Non
     assert supervisor.run() == EXIT_FAILURE  # killed children did not exit 0
     assert sent.is_set()
     assert time.monotonic() - started < SAFETY_EXIT_S / 2
+
+
+def test_children_stopped_while_still_starting_are_a_clean_stop(tmp_path: Path) -> None:
+    supervisor = Supervisor(
+        target=functools.partial(starting_without_handlers, str(tmp_path)),
+        procs=2,
+        shutdown_timeout_s=10.0,
+    )
+    sent = threading.Event()
+    signal_when_started(tmp_path, range(2), signal.SIGTERM, sent)
+    assert supervisor.run() == EXIT_OK
+    assert sent.is_set()
+    assert starts(tmp_path, 0) == starts(tmp_path, 1) == 1
 
 
 def test_a_child_that_always_crashes_makes_run_give_up(tmp_path: Path) -> None:
