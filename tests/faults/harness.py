@@ -37,6 +37,7 @@ from producers.load import random_requests
 from schemas.codec import decode_result
 from schemas.messages import InferenceRequest, InferenceResult, ResultStatus, now_ms
 from schemas.topics import TopicNames
+from tests.integration.test_worker_process import children_of
 from tests.integration.worker_harness import Deployment, spawn_worker_cli, stop_process
 
 WORKLOAD = 20_000
@@ -83,21 +84,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def serving_children(pid: int) -> list[int]:
-    """The worker processes the supervisor ``pid`` runs (not multiprocessing's helpers)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    children = [int(p) for p in path.read_text().split()] if path.exists() else []
-    serving = []
-    for child in children:
-        try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-        except FileNotFoundError:
-            continue
-        if b"resource_tracker" not in command:
-            serving.append(child)
-    return serving
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of ``pid`` (0 once it is gone)."""
     try:
@@ -120,7 +106,7 @@ class WorkerProcess:
 
     def child(self) -> int | None:
         """The serving child's pid, while it runs."""
-        children = serving_children(self.supervisor.pid)
+        children = children_of(self.supervisor.pid)
         return children[0] if children else None
 
     def pids(self) -> list[int]:
