@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,14 +174,3 @@ class KafkaCluster:
             if time.monotonic() > deadline:
                 raise StackError(f"kafka node {self.node_id(index)} did not answer:\n{tail(log)}")
             time.sleep(0.3)
-
-
-@contextlib.contextmanager
-def running_cluster(config: ClusterConfig) -> Iterator[KafkaCluster]:
-    """A started cluster, stopped on exit whatever happens inside."""
-    cluster = KafkaCluster(config)
-    cluster.up()
-    try:
-        yield cluster
-    finally:
-        cluster.down()

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 
 class StackError(RuntimeError):
@@ -143,3 +145,24 @@ def kafka_answers(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
     # A thread of its own, so that callers inside a running event loop can probe too.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, probe()).result()
+
+
+class Startable(Protocol):
+    """Something of the local stack that starts with `up` and stops with `down`."""
+
+    def up(self) -> None: ...
+
+    def down(self) -> None: ...
+
+
+StartableT = TypeVar("StartableT", bound=Startable)
+
+
+@contextlib.contextmanager
+def running(stack: StartableT) -> Iterator[StartableT]:
+    """``stack`` started, and stopped on exit whatever happens inside."""
+    stack.up()
+    try:
+        yield stack
+    finally:
+        stack.down()

@@ -9,9 +9,8 @@ on ``kafka_port`` for its own traffic and the readiness probe, and serves client
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,14 +164,3 @@ class SecureStack(LocalStack):
             "listener.name.sasl_ssl.ssl.key.password": KEYSTORE_PASSWORD,
         }
         return settings
-
-
-@contextlib.contextmanager
-def running_secure_stack(config: SecureStackConfig) -> Iterator[SecureStack]:
-    """A started secure stack, stopped on exit whatever happens inside."""
-    stack = SecureStack(config)
-    stack.up()
-    try:
-        yield stack
-    finally:
-        stack.down()

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from deploy.local.processes import (
     log,
     read_pid,
     redis_answers,
+    running,
     spawn,
     tail,
     terminate,
@@ -341,15 +341,9 @@ class LocalStack:
         )
 
 
-@contextlib.contextmanager
-def running_stack(config: StackConfig) -> Iterator[LocalStack]:
+def running_stack(config: StackConfig) -> contextlib.AbstractContextManager[LocalStack]:
     """A started stack, stopped on exit whatever happens inside."""
-    stack = LocalStack(config)
-    stack.up()
-    try:
-        yield stack
-    finally:
-        stack.down()
+    return running(LocalStack(config))
 
 
 def config_from_env() -> StackConfig:

@@ -15,7 +15,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 
-from deploy.local.kafka_cluster import ClusterConfig, KafkaCluster, running_cluster
+from deploy.local.kafka_cluster import ClusterConfig, KafkaCluster
+from deploy.local.processes import running
 from deploy.local.redis_server import RedisServer
 from schemas.topics import TopicNames
 from tests.faults.conftest import make_deployment
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mar
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
-    with running_cluster(ClusterConfig(run_dir=tmp_path_factory.mktemp("cluster"))) as started:
+    config = ClusterConfig(run_dir=tmp_path_factory.mktemp("cluster"))
+    with running(KafkaCluster(config)) as started:
         yield started
 
 

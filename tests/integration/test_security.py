@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 from redis.exceptions import NoPermissionError
 
-from deploy.local.processes import free_port, free_ports
-from deploy.local.secure_stack import SecureStack, SecureStackConfig, make_ca, running_secure_stack
+from deploy.local.processes import free_port, free_ports, running
+from deploy.local.secure_stack import SecureStack, SecureStackConfig, make_ca
 from producers.client import BrokerRefusedError, InferenceClient
 from producers.settings import ProducerSettings
 from producers.stream import ResultStream
@@ -85,7 +85,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         scram_users={KAFKA_ADMIN: KAFKA_ADMIN_PASSWORD, KAFKA_USER: KAFKA_PASSWORD},
         redis_acl=(f"admin on >{REDIS_ADMIN_PASSWORD} ~* &* +@all",),
     )
-    with running_secure_stack(config) as stack:
+    with running(SecureStack(config)) as stack:
         yield stack
 
 
