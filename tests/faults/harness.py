@@ -312,6 +312,8 @@ class ResultWatcher:
     also: Sequence[str] = ()
     """More topics to read (another model's results, the dead letters), keyed the same way."""
     records: dict[str, list[bytes]] = field(default_factory=dict)
+    on_topic: int = 0
+    """Records read from ``topic`` itself (duplicates included, ``also`` not)."""
     arrivals: list[float] = field(default_factory=list)
     """Monotonic arrival time of each record, in order."""
     _consumer: AIOKafkaConsumer | None = None
@@ -362,6 +364,7 @@ class ResultWatcher:
         for record in batch:
             key = (record.key or b"").decode()
             self.records.setdefault(key, []).append(record.value or b"")
+            self.on_topic += record.topic == self.topic
             self.arrivals.append(arrived)
 
     async def wait_answered(self, count: int, *, timeout_s: float) -> None:
@@ -386,8 +389,9 @@ class ResultWatcher:
         if self._task.done():
             self._task.result()
 
-    async def drain(self, *, timeout_s: float = 60) -> None:
-        """Until every record now on the topic has been read (duplicates included)."""
+    async def drain(self, *, timeout_s: float = 60) -> int:
+        """Until every record now on the topic has been read (duplicates included); the sum
+        of ``topic``'s last stable offsets, which count transaction markers too."""
         assert self._consumer is not None
         partitions = [
             TopicPartition(topic, p)
@@ -400,6 +404,7 @@ class ResultWatcher:
             return not [tp for tp, end in ends.items() if await self._behind(tp, end)]
 
         await poll_until(caught_up, timeout_s=timeout_s)
+        return sum(end for tp, end in ends.items() if tp.topic == self.topic)
 
     async def _behind(self, partition: TopicPartition, end: int) -> bool:
         assert self._consumer is not None
@@ -441,6 +446,10 @@ class FaultRow:
     drained_s: float
     peak_rss_mib: float
     unhealthy: list[str]
+    result_offsets: int
+    """Offsets taken on the results topic: its records plus any transaction markers."""
+    result_records: int
+    """Records read from the results topic, duplicates included."""
     extra: dict[str, object] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -476,6 +485,8 @@ class FaultRow:
         assert not self.unhealthy, self
         if exactly_once:
             assert self.duplicates == 0, self
+            # Each committed transaction leaves a marker, which takes an offset of its own.
+            assert self.result_offsets > self.result_records, "no transaction markers"
 
 
 _SESSION_ROWS: list[FaultRow] = []
@@ -519,7 +530,7 @@ async def check_invariant(
     """
     sent_ids = [request.id for request in requests]
     await watcher.wait_for_ids(sent_ids, timeout_s=answer_timeout_s)
-    await watcher.drain()
+    result_offsets = await watcher.drain()
     unhealthy = await fleet.unhealthy()
     rss.sample()
 
@@ -587,6 +598,8 @@ async def check_invariant(
         drained_s=watcher.drained_s(fault_ended),
         peak_rss_mib=rss.peak_bytes / MIB,
         unhealthy=unhealthy,
+        result_offsets=result_offsets,
+        result_records=watcher.on_topic,
     )
 
 

@@ -7,6 +7,7 @@ fault mid-run (requests keep arriving until it is over) and checks the suite's i
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,13 @@ async def test_a_worker_sigkilled_repeatedly_loses_nothing(
             await run.fleet.kill_child("w1")
         run.end_fault()
         row = await run.finish(fault=f"worker SIGKILL x{kills}", mode=mode_name(mode))
+        log = run.fleet.workers["w1"].log.read_text().splitlines()
     row.report()
-    row.assert_holds(exactly_once=mode_name(mode) == "exactly-once")
+    exactly_once = mode_name(mode) == "exactly-once"
+    row.assert_holds(exactly_once=exactly_once)
+    # Every child the supervisor (re)started served, in the mode asked for.
+    started = [json.loads(line) for line in log if '"event": "worker_started"' in line]
+    assert [event["exactly_once"] for event in started] == [exactly_once] * (kills + 1)
 
 
 @pytest.mark.timeout(420)
