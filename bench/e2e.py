@@ -53,6 +53,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cpu import CpuMeter, CpuSnapshot, CpuUse
 from bench.limits import LimitResult, model_limit, prepublish, transport_limit
 from deploy.local.demo import wait_until_ready
 from deploy.local.stack import KAFKA_VERSION, LocalStack, StackConfig, free_port
@@ -110,6 +111,9 @@ class Drain:
     steady_rate_per_s: float
     """answered after the first result / seconds from the first to the last."""
     capped: bool
+    cpu: dict[str, object] | None = None
+    """From the first result to the last: CPU per request of the consumer's processes, the
+    broker, Redis and the rest of the machine (`bench.cpu.CpuUse`)."""
 
 
 @dataclass
@@ -300,6 +304,9 @@ class Bench:
         first_at: float | None = None
         first_count = 0
         answered = 0
+        meter = self.cpu_meter({name: process.pid})
+        first_cpu: CpuSnapshot | None = None
+        cpu: CpuUse | None = None
         try:
             deadline = started + cap_s
             while answered < expected and time.perf_counter() < deadline:
@@ -309,7 +316,10 @@ class Bench:
                 answered = await self.answered(keys_per_answer)
                 if answered and first_at is None:
                     first_at, first_count = time.perf_counter(), answered
+                    first_cpu = meter.snapshot()
             finished = time.perf_counter()
+            if first_cpu is not None:
+                cpu = CpuMeter.between(first_cpu, meter.snapshot(), answered - first_count)
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -329,12 +339,25 @@ class Bench:
             rate_per_s=answered / from_start,
             steady_rate_per_s=(answered - first_count) / first_to_last if first_to_last else 0.0,
             capped=answered < expected,
+            cpu=None if cpu is None else cpu.as_dict(),
         )
         console.print(
             f"{name}: {answered:,}/{expected:,} in {from_start:.1f}s -> "
             f"{drain.rate_per_s:,.0f}/s (steady {drain.steady_rate_per_s:,.0f}/s)"
         )
+        if cpu is not None:
+            print_cpu(cpu)
         return drain
+
+    def cpu_meter(self, consumers: dict[str, int], *, bench_process: bool = False) -> CpuMeter:
+        """A meter of ``consumers`` (process trees), the broker and Redis, and with
+        ``bench_process`` this process alone (its children are the stack and the workers)."""
+        trees: dict[str, int | None] = {
+            **consumers,
+            "kafka": self.stack.kafka_process_id(),
+            "redis": self.stack.redis.process_id(),
+        }
+        return CpuMeter(trees, {"bench": os.getpid()} if bench_process else None)
 
     async def latency_point(
         self, scenario: Scenario, *, fraction: float, capacity: float, seconds: float
@@ -515,6 +538,8 @@ async def run_scenario(
     prefix = f"b{uuid.uuid4().hex[:8]}"
     await bench.prepare(scenario, prefix)
     topics = TopicNames(prefix=prefix)
+    meter = bench.cpu_meter({}, bench_process=True)
+    before = meter.snapshot()
     transport = await transport_limit(
         bootstrap=bench.bootstrap,
         request_topic=topics.requests(scenario.model),
@@ -527,6 +552,9 @@ async def run_scenario(
     )
     report.limits["transport"] = transport.as_dict()
     console.print(f"transport limit (Kafka + Redis): {transport.rate_per_s:,.0f} records/s")
+    transport_cpu = CpuMeter.between(before, meter.snapshot(), scenario.count)
+    report.limits["transport_cpu"] = transport_cpu.as_dict()
+    print_cpu(transport_cpu)
 
     for procs in (1, 2):
         env = bench.worker_env(prefix, f"inferq-{procs}-{uuid.uuid4().hex[:6]}", 0)
@@ -596,6 +624,14 @@ async def run_scenario(
                 )
             )
     return report
+
+
+def print_cpu(cpu: CpuUse) -> None:
+    spent = ", ".join(f"{part} {us:.0f}" for part, us in cpu.us_per_request.items())
+    console.print(
+        f"  CPU us/request: {spent}; machine {cpu.machine_us_per_request:.0f}"
+        f" ({cpu.machine_busy:.0%} of {os.cpu_count()} cores busy)"
+    )
 
 
 def print_report(report: Report) -> None:
