@@ -11,20 +11,29 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of ``pid`` and its threads; 0 once it is gone."""
+def _stat_cpu_s(path: Path) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = path.read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
     # After the command: state is field 3 of stat(5), utime 14 and stime 15.
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` and its threads; 0 once it is gone."""
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``'s main thread alone (a worker's event loop runs there)."""
+    return _stat_cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def tree(pid: int) -> list[int]:
@@ -51,6 +60,8 @@ class CpuSnapshot:
     at: float
     parts: dict[str, float]
     machine_s: float
+    main_threads: dict[str, float] = field(default_factory=dict)
+    """Per tree part, its processes' main threads (within the part's figure)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,8 @@ class CpuUse:
     machine_us_per_request: float
     machine_busy: float
     """Busy fraction of all the machine's cores over the interval."""
+    main_threads_us_per_request: dict[str, float] = field(default_factory=dict)
+    """Of each tree part's figure, what its processes' main threads spent."""
 
     def as_dict(self) -> dict[str, object]:
         """For the benchmark's JSON."""
@@ -72,6 +85,9 @@ class CpuUse:
             "us_per_request": {k: round(v, 1) for k, v in self.us_per_request.items()},
             "machine_us_per_request": round(self.machine_us_per_request, 1),
             "machine_busy": round(self.machine_busy, 3),
+            "main_threads_us_per_request": {
+                k: round(v, 1) for k, v in self.main_threads_us_per_request.items()
+            },
             "cores": os.cpu_count(),
         }
 
@@ -93,7 +109,14 @@ class CpuMeter:
             for name, root in self._trees.items()
         }
         parts.update({name: process_cpu_s(pid) for name, pid in self._processes.items()})
-        return CpuSnapshot(at=time.perf_counter(), parts=parts, machine_s=machine_busy_s())
+        main_threads = {
+            name: sum(main_thread_cpu_s(pid) for pid in tree(root))
+            for name, root in self._trees.items()
+        }
+        return CpuSnapshot(
+            at=time.perf_counter(), parts=parts, machine_s=machine_busy_s(),
+            main_threads=main_threads,
+        )  # fmt: skip
 
     @staticmethod
     def between(first: CpuSnapshot, last: CpuSnapshot, requests: int) -> CpuUse:
@@ -107,10 +130,15 @@ class CpuMeter:
         spent = {name: (last.parts[name] - first.parts.get(name, 0.0)) * per for name in last.parts}
         machine = last.machine_s - first.machine_s
         spent["other"] = max(machine * per - sum(spent.values()), 0.0)
+        main_threads = {
+            name: (last.main_threads[name] - first.main_threads.get(name, 0.0)) * per
+            for name in last.main_threads
+        }
         return CpuUse(
             requests=requests,
             seconds=seconds,
             us_per_request=spent,
             machine_us_per_request=machine * per,
             machine_busy=machine / (seconds * (os.cpu_count() or 1)) if seconds > 0 else 0.0,
+            main_threads_us_per_request=main_threads,
         )

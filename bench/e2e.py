@@ -50,6 +50,7 @@ import numpy as np
 import redis.asyncio as aioredis
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
@@ -109,7 +110,8 @@ class Drain:
     rate_per_s: float
     """answered / seconds from the process start (the closed-loop figure)."""
     steady_rate_per_s: float
-    """answered after the first result / seconds from the first to the last."""
+    """answered after the steady window opened / its seconds to the last result; it opens
+    at the first result, or for inferq once every worker process is in the group."""
     capped: bool
     cpu: dict[str, object] | None = None
     """From the first result to the last: CPU per request of the consumer's processes, the
@@ -199,6 +201,7 @@ class Bench:
             )
         )
         self.redis = aioredis.Redis.from_url(self.stack.config.redis_url)
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
 
     @property
     def bootstrap(self) -> str:
@@ -293,8 +296,14 @@ class Bench:
         expected: int,
         cap_s: float,
         keys_per_answer: int = 1,
+        group: tuple[str, int] | None = None,
     ) -> Drain:
-        """Run ``command`` until ``expected`` results are in Redis (or ``cap_s`` passes)."""
+        """Run ``command`` until ``expected`` results are in Redis (or ``cap_s`` passes).
+
+        group: the consumer group and how many members it gets; the steady window then
+        starts once all of them serve (a second process still importing torch and joining
+        would otherwise count against the steady rate), else at the first result.
+        """
         await self.redis.flushdb()
         log = (self.root / f"{name.replace(' ', '-')}.log").open("wb")
         started = time.perf_counter()
@@ -307,6 +316,7 @@ class Bench:
         meter = self.cpu_meter({name: process.pid})
         first_cpu: CpuSnapshot | None = None
         cpu: CpuUse | None = None
+        next_check = 0.0
         try:
             deadline = started + cap_s
             while answered < expected and time.perf_counter() < deadline:
@@ -314,9 +324,11 @@ class Bench:
                     raise RuntimeError(f"{name} exited with {process.returncode}; see {log.name}")
                 await asyncio.sleep(0.02)
                 answered = await self.answered(keys_per_answer)
-                if answered and first_at is None:
-                    first_at, first_count = time.perf_counter(), answered
-                    first_cpu = meter.snapshot()
+                if answered and first_at is None and time.perf_counter() >= next_check:
+                    next_check = time.perf_counter() + 0.2  # a group lookup is no free poll
+                    if await self._all_serving(group):
+                        first_at, first_count = time.perf_counter(), answered
+                        first_cpu = meter.snapshot()
             finished = time.perf_counter()
             if first_cpu is not None:
                 cpu = CpuMeter.between(first_cpu, meter.snapshot(), answered - first_count)
@@ -348,6 +360,15 @@ class Bench:
         if cpu is not None:
             print_cpu(cpu)
         return drain
+
+    async def _all_serving(self, group: tuple[str, int] | None) -> bool:
+        """Whether ``group`` (id, members) is stable with all its members."""
+        if group is None:
+            return True
+        group_id, members = group
+        (response,) = await self.admin.describe_consumer_groups([group_id])
+        (described,) = response.to_object()["groups"]
+        return bool(described["state"] == "Stable" and len(described["members"]) == members)
 
     def cpu_meter(self, consumers: dict[str, int], *, bench_process: bool = False) -> CpuMeter:
         """A meter of ``consumers`` (process trees), the broker and Redis, and with
@@ -557,7 +578,8 @@ async def run_scenario(
     print_cpu(transport_cpu)
 
     for procs in (1, 2):
-        env = bench.worker_env(prefix, f"inferq-{procs}-{uuid.uuid4().hex[:6]}", 0)
+        group = f"inferq-{procs}-{uuid.uuid4().hex[:6]}"
+        env = bench.worker_env(prefix, group, 0)
         env["INFERQ_SERVED_MODELS"] = scenario.model
         report.drains.append(
             await bench.drain(
@@ -567,6 +589,7 @@ async def run_scenario(
                 expected=scenario.count,
                 cap_s=900,
                 keys_per_answer=INFERQ_KEYS_PER_ANSWER,
+                group=(group, procs),
             )
         )
     if peers:
@@ -627,7 +650,12 @@ async def run_scenario(
 
 
 def print_cpu(cpu: CpuUse) -> None:
-    spent = ", ".join(f"{part} {us:.0f}" for part, us in cpu.us_per_request.items())
+    spent = ", ".join(
+        f"{part} {us:.0f}"
+        + (f" (main threads {cpu.main_threads_us_per_request[part]:.0f})"
+           if cpu.main_threads_us_per_request.get(part) else "")
+        for part, us in cpu.us_per_request.items()
+    )  # fmt: skip
     console.print(
         f"  CPU us/request: {spent}; machine {cpu.machine_us_per_request:.0f}"
         f" ({cpu.machine_busy:.0%} of {os.cpu_count()} cores busy)"
@@ -710,6 +738,7 @@ async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
         bench = Bench(root=Path(tmp), threads=args.threads)
         await asyncio.to_thread(bench.stack.up)
+        await bench.admin.start()
         try:
             write_example_models(bench.models_dir)
             for name in names:
@@ -723,6 +752,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print_report(report)
                 console.print(f"wrote {save(report)}")
         finally:
+            await bench.admin.close()
             await bench.redis.aclose()
             await asyncio.to_thread(bench.stack.down)
     return 0

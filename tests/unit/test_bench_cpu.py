@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from bench.cpu import CpuMeter, CpuSnapshot, process_cpu_s, tree
@@ -52,3 +53,14 @@ def test_a_meter_measures_a_tree_and_a_lone_process() -> None:
     assert set(use.us_per_request) == {"me", "alone", "other"}
     assert use.us_per_request["me"] >= 0.08e6
     assert use.us_per_request["alone"] >= 0.08e6
+
+
+def test_the_main_thread_is_told_apart_from_the_others() -> None:
+    worker = threading.Thread(target=spin, args=(0.2,))
+    meter = CpuMeter({"me": os.getpid()})
+    first = meter.snapshot()
+    worker.start()
+    worker.join()
+    use = CpuMeter.between(first, meter.snapshot(), requests=1)
+    assert use.us_per_request["me"] >= 0.15e6
+    assert use.main_threads_us_per_request["me"] < use.us_per_request["me"] - 0.1e6
