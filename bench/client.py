@@ -92,8 +92,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        config = StackConfig(run_dir=root / "stack", kafka_port=free_port(),
-                             controller_port=free_port(), redis_port=free_port())  # fmt: skip
+        config = StackConfig.on_free_ports(root / "stack")
         write_example_models(root / "models")
         with running_stack(config) as stack:
             port = free_port()

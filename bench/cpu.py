@@ -104,15 +104,11 @@ class CpuMeter:
 
     def snapshot(self) -> CpuSnapshot:
         """Each part's CPU seconds so far, and the machine's."""
-        parts = {
-            name: sum(process_cpu_s(pid) for pid in tree(root))
-            for name, root in self._trees.items()
-        }
+        # One walk per tree: both figures must be of the same processes.
+        trees = {name: tree(root) for name, root in self._trees.items()}
+        parts = {name: sum(map(process_cpu_s, pids)) for name, pids in trees.items()}
         parts.update({name: process_cpu_s(pid) for name, pid in self._processes.items()})
-        main_threads = {
-            name: sum(main_thread_cpu_s(pid) for pid in tree(root))
-            for name, root in self._trees.items()
-        }
+        main_threads = {name: sum(map(main_thread_cpu_s, pids)) for name, pids in trees.items()}
         return CpuSnapshot(
             at=time.perf_counter(), parts=parts, machine_s=machine_busy_s(),
             main_threads=main_threads,

@@ -191,15 +191,7 @@ class Bench:
         self.root = root
         self.threads = threads
         self.models_dir = root / "models"
-        self.stack = LocalStack(
-            StackConfig(
-                run_dir=root / "stack",
-                kafka_port=free_port(),
-                controller_port=free_port(),
-                redis_port=free_port(),
-                kafka_heap="1g",
-            )
-        )
+        self.stack = LocalStack(StackConfig.on_free_ports(root / "stack", kafka_heap="1g"))
         self.redis = aioredis.Redis.from_url(self.stack.config.redis_url)
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
 

@@ -22,12 +22,12 @@ from schemas.messages import (
     INT64_MAX,
     INT64_MIN,
     MAX_TRACE_LENGTH,
-    MODEL_NAME_PATTERN,
     REQUEST_ID_PATTERN,
     InferenceRequest,
     InferenceResult,
     ResultStatus,
 )
+from schemas.names import is_model_name
 from schemas.tensors import (
     MAX_TENSOR_NAME_LENGTH,
     Datatype,
@@ -74,7 +74,6 @@ JSON_FLOAT_WORDS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -
 """How JSON carries the floats it has no literal for (as protobuf's JSON mapping does)."""
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _DATATYPES: Final = {datatype.value: datatype for datatype in Datatype}
 _FLOAT_DATATYPES: Final = frozenset({Datatype.FP16, Datatype.BF16, Datatype.FP32, Datatype.FP64})
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -92,7 +91,7 @@ class _Context:
         model = message.get("model")
         reply_to = message.get("reply_to")
         self.request_id = request_id if _matches(_REQUEST_ID, request_id) else None
-        self.model = model if _matches(_MODEL_NAME, model) else None
+        self.model = model if is_model_name(model) else None
         self.reply_to = reply_to if isinstance(reply_to, str) and is_topic_name(reply_to) else None
 
     def attach(self, error: SchemaError) -> SchemaError:
@@ -149,7 +148,7 @@ def _plainly_valid(fields: dict[str, Any]) -> bool:
     answers False and goes through `model_validate`, which also words the error. A test
     pins that this never accepts what the model refuses.
     """
-    if not (_matches(_REQUEST_ID, fields.get("id")) and _matches(_MODEL_NAME, fields.get("model"))):
+    if not (_matches(_REQUEST_ID, fields.get("id")) and is_model_name(fields.get("model"))):
         return False
     inputs = fields.get("inputs")
     if type(inputs) is not tuple or not inputs:

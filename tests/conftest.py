@@ -8,6 +8,7 @@ own topic names and Redis key prefix, so tests never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from deploy.local.stack import LocalStack, StackConfig, free_port, running_stack
+from deploy.local.stack import LocalStack, StackConfig, running_stack
 
 KAFKA_TIMEOUT_S = 30.0
 
@@ -24,13 +25,7 @@ KAFKA_TIMEOUT_S = 30.0
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """One real Kafka broker and one redis-server, private to this test session."""
-    config = StackConfig(
-        run_dir=tmp_path_factory.mktemp("stack"),
-        kafka_port=free_port(),
-        controller_port=free_port(),
-        redis_port=free_port(),
-    )
-    with running_stack(config) as stack:
+    with running_stack(StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"))) as stack:
         yield stack
 
 
@@ -56,34 +51,42 @@ def unique_prefix(request: pytest.FixtureRequest) -> str:
 TopicFactory = Callable[..., Awaitable[str]]
 
 
-@pytest.fixture
-async def make_topic(kafka_bootstrap: str) -> AsyncIterator[TopicFactory]:
-    """Creates topics with a given partition count and deletes them after the test."""
+@contextlib.asynccontextmanager
+async def topic_factory(
+    bootstrap: str, *, replication_factor: int = 1, delete_after: bool = True
+) -> AsyncIterator[TopicFactory]:
+    """A `TopicFactory` on the broker(s) at ``bootstrap``, which, with ``delete_after``,
+    deletes the topics it created on exit."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka_bootstrap, request_timeout_ms=int(KAFKA_TIMEOUT_S * 1000)
+        bootstrap_servers=bootstrap, request_timeout_ms=int(KAFKA_TIMEOUT_S * 1000)
     )
     await asyncio.wait_for(admin.start(), KAFKA_TIMEOUT_S)
     created: list[str] = []
 
     async def create(name: str, *, partitions: int = 1) -> str:
-        await asyncio.wait_for(
-            admin.create_topics(
-                [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
-            ),
-            KAFKA_TIMEOUT_S,
+        topic = NewTopic(
+            name=name, num_partitions=partitions, replication_factor=replication_factor
         )
+        await asyncio.wait_for(admin.create_topics([topic]), KAFKA_TIMEOUT_S)
         created.append(name)
         return name
 
     try:
         yield create
     finally:
-        if created:
+        if created and delete_after:
             try:
                 await asyncio.wait_for(admin.delete_topics(created), KAFKA_TIMEOUT_S)
             except Exception as error:  # cleanup must not mask the test's outcome
                 print(f"could not delete topics {created}: {error!r}")
         await admin.close()
+
+
+@pytest.fixture
+async def make_topic(kafka_bootstrap: str) -> AsyncIterator[TopicFactory]:
+    """Creates topics with a given partition count and deletes them after the test."""
+    async with topic_factory(kafka_bootstrap) as create:
+        yield create
 
 
 @pytest.fixture

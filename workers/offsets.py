@@ -57,8 +57,8 @@ class PartitionOffsets(Generic[P]):
     Created and changed only by `OffsetTracker`; requests hold it as their lease.
     """
 
-    __slots__ = ("bytes_in_flight", "committed", "done", "last_tracked", "marks", "order",
-                 "partition", "revoked", "sizes", "tracked", "watermark")  # fmt: skip
+    __slots__ = ("committed", "done", "last_tracked", "marks", "order", "partition",
+                 "revoked", "sizes", "tracked", "watermark")  # fmt: skip
 
     def __init__(self, partition: P) -> None:
         self.partition = partition
@@ -75,12 +75,16 @@ class PartitionOffsets(Generic[P]):
         """(first offset, its record's Unix ms) of each poll still tracked: for lag in time."""
         self.sizes: dict[int, int] = {}
         """Record bytes of each tracked offset not yet completed (those tracked with a size)."""
-        self.bytes_in_flight = 0
 
     @property
     def in_flight(self) -> int:
         """Tracked records whose completion has not been reported."""
         return len(self.order) - len(self.done)
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """Summed record bytes of this partition's records in flight (tracked with sizes)."""
+        return sum(self.sizes.values())
 
 
 class OffsetTracker(Generic[P]):
@@ -153,9 +157,7 @@ class OffsetTracker(Generic[P]):
             if len(counted) != len(added):
                 raise ValueError(f"{len(counted)} sizes for {len(added)} offsets")
             state.sizes.update(zip(added, counted, strict=True))
-            total = sum(counted)
-            state.bytes_in_flight += total
-            self._bytes_in_flight += total
+            self._bytes_in_flight += sum(counted)
         return state
 
     def complete(self, lease: PartitionOffsets[P], offset: int) -> bool:
@@ -171,9 +173,7 @@ class OffsetTracker(Generic[P]):
             raise UntrackedOffsetError(partition=lease.partition, offset=offset)
         lease.done.add(offset)
         self._in_flight -= 1
-        size = lease.sizes.pop(offset, 0)
-        lease.bytes_in_flight -= size
-        self._bytes_in_flight -= size
+        self._bytes_in_flight -= lease.sizes.pop(offset, 0)
         order = lease.order
         while order and order[0] in lease.done:
             finished = order.popleft()
@@ -199,7 +199,6 @@ class OffsetTracker(Generic[P]):
                 dropped += state.in_flight
                 self._bytes_in_flight -= state.bytes_in_flight
                 state.sizes.clear()
-                state.bytes_in_flight = 0
         self._in_flight -= dropped
         return dropped
 

@@ -18,6 +18,11 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def comma_list(value: str) -> list[str]:
+    """The non-empty items of a comma-separated setting, stripped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 class WorkerSettings(InferqSettings):
     """Everything a worker process needs; nested fields use ``__`` (``INFERQ_KAFKA__...``)."""
 
@@ -126,16 +131,17 @@ class WorkerSettings(InferqSettings):
     @field_validator("served_models")
     @classmethod
     def _served_models_are_model_names(cls, value: str) -> str:
-        for name in value.split(","):
-            if name.strip() and not is_model_name(name.strip()):
-                raise ValueError(f"{name.strip()!r} is not a model name: it cannot name a path")
+        for name in comma_list(value):
+            if not is_model_name(name):
+                raise ValueError(f"{name!r} is not a model name: it cannot name a path")
         return value
 
     @property
     def reply_topic_prefix_list(self) -> list[str]:
         """The prefixes a request's ``reply_to`` may start with."""
-        prefixes = [p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()]
-        return prefixes or [TopicNames(prefix=self.kafka.topic_prefix).reply_prefix]
+        return comma_list(self.reply_topic_prefixes) or [
+            TopicNames(prefix=self.kafka.topic_prefix).reply_prefix
+        ]
 
     @property
     def transactional_id(self) -> str:
@@ -151,5 +157,4 @@ class WorkerSettings(InferqSettings):
     @property
     def served_model_names(self) -> list[str] | None:
         """The configured model names, or None for every model in the repository."""
-        names = [name.strip() for name in self.served_models.split(",") if name.strip()]
-        return names or None
+        return comma_list(self.served_models) or None

@@ -23,12 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 from deploy.local.broker_limits import MIB, BrokerLimits, java_size_bytes
 from deploy.local.processes import (
     StackError,
     alive,
     free_port,
+    free_ports,
     kafka_answers,
     log,
     read_pid,
@@ -92,6 +94,16 @@ class StackConfig:
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 30.0
     cache_dir: Path = field(default_factory=default_cache_dir)
+
+    @classmethod
+    def on_free_ports(cls, run_dir: Path, **options: Any) -> Self:
+        """A config under ``run_dir`` whose broker, controller and Redis ports are free now
+        (a private stack beside any other); ``options`` set the other fields."""
+        kafka_port, controller_port, redis_port = free_ports(3)
+        return cls(
+            run_dir=run_dir, kafka_port=kafka_port, controller_port=controller_port,
+            redis_port=redis_port, **options,
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         needed = self.broker_limits.heap_bytes

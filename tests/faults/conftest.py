@@ -8,14 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.local.redis_server import RedisServer
 from deploy.local.stack import LocalStack, StackConfig, free_port, running_stack
-from schemas.topics import TopicNames
-from tests.conftest import TopicFactory
-from tests.integration.worker_harness import Deployment
-from workers.example_models import write_example_models
+from tests.conftest import TopicFactory, topic_factory
+from tests.integration.worker_harness import Deployment, make_deployment
 
 MODES = [
     pytest.param({}, id="at-least-once"),
@@ -27,24 +24,6 @@ MODES = [
 def mode_name(env: dict[str, str]) -> str:
     """The mode a MODES entry stands for."""
     return "exactly-once" if env.get("INFERQ_EXACTLY_ONCE") == "true" else "at-least-once"
-
-
-async def make_deployment(
-    *, bootstrap: str, redis_url: str, prefix: str, models_dir: Path, make_topic: TopicFactory
-) -> Deployment:
-    """Example models and the topics of ``mlp`` (4 request partitions, one result partition)."""
-    write_example_models(models_dir)
-    topics = TopicNames(prefix=prefix)
-    await make_topic(topics.requests("mlp"), partitions=4)
-    await make_topic(topics.results("mlp"), partitions=1)
-    await make_topic(topics.dead_letters, partitions=1)
-    return Deployment(
-        bootstrap=bootstrap,
-        redis_url=redis_url,
-        prefix=prefix,
-        models_dir=models_dir,
-        group_id=f"{prefix}-workers",
-    )
 
 
 @pytest.fixture
@@ -65,12 +44,7 @@ async def deployment(
 @pytest.fixture
 def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """A Kafka broker and redis-server of this test alone, which it may kill and restart."""
-    config = StackConfig(
-        run_dir=tmp_path_factory.mktemp("fault-stack"),
-        kafka_port=free_port(),
-        controller_port=free_port(),
-        redis_port=free_port(),
-    )
+    config = StackConfig.on_free_ports(tmp_path_factory.mktemp("fault-stack"))
     with running_stack(config) as stack:
         yield stack
 
@@ -107,16 +81,8 @@ async def broker_fault_deployment(
 ) -> Deployment:
     """A deployment of ``mlp`` on a private broker and redis-server."""
     bootstrap = private_stack.config.bootstrap_servers
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-
-    async def create(name: str, *, partitions: int = 1) -> str:
-        await admin.create_topics(
-            [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
-        )
-        return name
-
-    try:
+    # The stack goes with the test: nothing to delete afterwards.
+    async with topic_factory(bootstrap, delete_after=False) as create:
         return await asyncio.wait_for(
             make_deployment(
                 bootstrap=bootstrap, redis_url=private_stack.config.redis_url,
@@ -124,8 +90,6 @@ async def broker_fault_deployment(
             ),
             60,
         )  # fmt: skip
-    finally:
-        await admin.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

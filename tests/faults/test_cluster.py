@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 
 from deploy.local.kafka_cluster import ClusterConfig, KafkaCluster
 from deploy.local.processes import running
 from deploy.local.redis_server import RedisServer
 from schemas.topics import TopicNames
-from tests.faults.conftest import make_deployment
+from tests.conftest import topic_factory
 from tests.faults.harness import WORKLOAD, fault_run, mlp_workload
+from tests.integration.worker_harness import make_deployment
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.soak]
 
@@ -54,22 +54,11 @@ async def test_the_leaders_broker_killed_in_a_three_node_cluster_loses_nothing(
     tmp_path: Path,
 ) -> None:
     bootstrap = cluster.bootstrap_servers
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-
-    async def create(name: str, *, partitions: int = 1) -> str:
-        await admin.create_topics(
-            [NewTopic(name=name, num_partitions=partitions, replication_factor=3)]
-        )
-        return name
-
-    try:
+    async with topic_factory(bootstrap, replication_factor=3, delete_after=False) as create:
         deployment = await make_deployment(
             bootstrap=bootstrap, redis_url=private_redis.url, prefix=unique_prefix,
             models_dir=models_dir, make_topic=create,
         )  # fmt: skip
-    finally:
-        await admin.close()
     request_partition = TopicPartition(TopicNames(prefix=unique_prefix).requests("mlp"), 0)
     requests = mlp_workload(seed=10)
     async with fault_run(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.stack import LocalStack, StackConfig, free_port, running_stack
+from deploy.local.stack import LocalStack, StackConfig, running_stack
 from schemas.settings import RedisSettings
 from tests.integration.worker_harness import Deployment, running_worker, wait_until_ready
 from workers.example_models import write_example_models
@@ -25,13 +25,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 @pytest.fixture
 def private_stack(tmp_path: Path) -> Iterator[LocalStack]:
-    config = StackConfig(
-        run_dir=tmp_path / "stack",
-        kafka_port=free_port(),
-        controller_port=free_port(),
-        redis_port=free_port(),
-    )
-    with running_stack(config) as stack:
+    with running_stack(StackConfig.on_free_ports(tmp_path / "stack")) as stack:
         yield stack
 
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from deploy.local.stack import LocalStack, StackConfig, free_port, redis_answers
+from deploy.local.stack import LocalStack, StackConfig, redis_answers
 from tests.conftest import TopicFactory
 from tests.integration.kafka_helpers import bounded
 
@@ -69,14 +69,7 @@ async def test_killed_broker_fails_fast_with_a_clear_message(
     tmp_path: Path, unique_prefix: str
 ) -> None:
     """A dead broker is a bounded, readable failure, never a hang."""
-    stack = LocalStack(
-        StackConfig(
-            run_dir=tmp_path / "stack",
-            kafka_port=free_port(),
-            controller_port=free_port(),
-            redis_port=free_port(),
-        )
-    )
+    stack = LocalStack(StackConfig.on_free_ports(tmp_path / "stack"))
     await asyncio.to_thread(stack.up)
     try:
         producer = AIOKafkaProducer(
@@ -110,14 +103,7 @@ async def test_killed_broker_fails_fast_with_a_clear_message(
 async def test_restarting_redis_alone_keeps_its_data_and_the_broker(
     tmp_path: Path, unique_prefix: str
 ) -> None:
-    stack = LocalStack(
-        StackConfig(
-            run_dir=tmp_path / "stack",
-            kafka_port=free_port(),
-            controller_port=free_port(),
-            redis_port=free_port(),
-        )
-    )
+    stack = LocalStack(StackConfig.on_free_ports(tmp_path / "stack"))
     await asyncio.to_thread(stack.up)
     try:
         key = f"{unique_prefix}:kept"

@@ -23,6 +23,9 @@ from producers.client import InferenceClient
 from producers.settings import ProducerSettings
 from schemas.messages import InferenceRequest, InferenceResult
 from schemas.settings import KafkaSettings, RedisSettings
+from schemas.topics import TopicNames
+from tests.conftest import TopicFactory
+from workers.example_models import write_example_models
 from workers.metrics import WorkerMetrics
 from workers.process import load_models
 from workers.reload import ModelReloader
@@ -90,6 +93,32 @@ class Deployment:
 
     def client(self) -> InferenceClient:
         return InferenceClient(settings=self.producer_settings())
+
+
+async def make_deployment(
+    *,
+    bootstrap: str,
+    redis_url: str,
+    prefix: str,
+    models_dir: Path,
+    make_topic: TopicFactory,
+    models: Sequence[str] = ("mlp",),
+) -> Deployment:
+    """The example models, and under ``prefix`` the topics of ``models`` (4 request
+    partitions, one result partition each) and the dead letters (one partition)."""
+    write_example_models(models_dir)
+    topics = TopicNames(prefix=prefix)
+    for name in models:
+        await make_topic(topics.requests(name), partitions=4)
+        await make_topic(topics.results(name), partitions=1)
+    await make_topic(topics.dead_letters, partitions=1)
+    return Deployment(
+        bootstrap=bootstrap,
+        redis_url=redis_url,
+        prefix=prefix,
+        models_dir=models_dir,
+        group_id=f"{prefix}-workers",
+    )
 
 
 @dataclass

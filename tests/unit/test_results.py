@@ -140,9 +140,18 @@ def answers(topic: str, count: int, *, value_bytes: int = 10, **fields: Any) -> 
     ]
 
 
-def writer(producer: ScriptedProducer, limits: dict[str, int] | None = None) -> ResultWriter:
+def writer(
+    producer: ScriptedProducer,
+    limits: dict[str, int] | None = None,
+    *,
+    kind: type[ResultWriter] = ResultWriter,
+    **options: Any,
+) -> ResultWriter:
+    """A started writer of ``kind`` (``options``: its own arguments) over ``producer``, no
+    Redis, and topics whose `max.message.bytes` are ``limits``."""
     catalog = TopicCatalog(admin=Configs(limits or {"results": 1024 * 1024}))
-    result_writer = ResultWriter(
+    result_writer = kind(
+        **options,
         producer_factory=lambda: producer,  # type: ignore[arg-type,return-value]
         redis=NoRedis(),  # type: ignore[arg-type]
         catalog=catalog,

@@ -12,10 +12,8 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.codec import decode_result
 from schemas.errors import ErrorCode
-from tests.unit.test_results import BUILDER, Configs, NoRedis, ScriptedProducer, answers
-from workers.catalog import TopicCatalog
+from tests.unit.test_results import ScriptedProducer, answers, writer
 from workers.errors import ProducerFencedError
-from workers.metrics import WorkerMetrics
 from workers.transactions import TransactionalResultWriter
 
 GROUP = "inferq-workers"
@@ -75,19 +73,9 @@ class TransactionalProducer(ScriptedProducer):
 def transactional_writer(
     producer: TransactionalProducer, limits: dict[str, int] | None = None
 ) -> TransactionalResultWriter:
-    writer = TransactionalResultWriter(
-        group_id=GROUP,
-        producer_factory=lambda: producer,  # type: ignore[arg-type,return-value]
-        redis=NoRedis(),  # type: ignore[arg-type]
-        catalog=TopicCatalog(admin=Configs(limits or {"results": 1024 * 1024})),  # type: ignore[arg-type]
-        answers=BUILDER,
-        result_ttl_s=60,
-        metrics=WorkerMetrics(),
-        max_backoff_s=0.01,
-        max_record_bytes=64 * 1024 * 1024,
-    )
-    writer._producer = producer  # type: ignore[assignment]
-    return writer
+    built = writer(producer, limits, kind=TransactionalResultWriter, group_id=GROUP)
+    assert isinstance(built, TransactionalResultWriter)
+    return built
 
 
 def committed_keys(producer: TransactionalProducer) -> list[bytes | None]:
